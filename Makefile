@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each sets up .venv first).
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast test-interpret docs docs-serve clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo:
+	@bash scripts/setup.sh bench
+	$(PY) examples/demo.py
+
+# The suite on CPU tensors (pure-PyTorch backend), then the Triton kernels on CPU tensors through
+# Triton's interpreter at small sizes.
+test:
+	@bash scripts/setup.sh test
+	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+
+test-fast:
+	$(PY) -m pytest -q -x tests
+
+test-interpret:
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+
+clean:
+	rm -rf .venv build dist *.egg-info site .pytest_cache

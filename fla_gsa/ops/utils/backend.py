@@ -1,0 +1,24 @@
+"""Which implementation runs: Triton kernels for CUDA tensors (or any tensor under the Triton
+interpreter), vectorized PyTorch otherwise."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def triton_interpret() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly), which is how
+    the kernel code is tested on machines with no GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Run the Triton kernels for ``x``: it lives on a CUDA device, or the interpreter is on."""
+    return x.is_cuda or triton_interpret()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: exact fp32 products for fp32 inputs, so a fp32 call is a
+    fp32 reference; half-precision inputs use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,16 +1,117 @@
-"""The generic chunked gated-linear-attention op (gate on the key side, the value side, or both).
+"""The generic chunked gated-linear-attention op: the gate on the key side, the value side, or both.
 
-    S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) + k_t v_t^T,     o_t = scale * S_t^T q_t
+    S_t = Diag(e^{gk_t}) S_{t-1} Diag(e^{gv_t}) + k_t v_t^T,     o_t = scale * S_t^T q_t
 
-CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) run the Triton kernels composed in
-``chunk_fwd`` / ``chunk_bwd`` below; CPU tensors run the PyTorch version in ``chunk_torch``.
+The Triton path composes the steps of the chunked algorithm (one file each):
+
+    forward:  G = chunk_local_cumsum(g)                      (utils/cumsum.py)
+              h = chunk_fwd_h(k, v, Gk, Gv)                   (chunk_h.py)     states at chunk starts
+              A = chunk_scores(q, k, Gk)                      (chunk_scores.py) intra-chunk scores
+              o = chunk_apply_lower(q, h, v, A)               (chunk_o.py)
+    backward: dh = chunk_bwd_dh(q, do)                        states' gradients at chunk ends
+              dA = chunk_scores(do, v, Gv)
+              dv = upper(k, dh, do, A)     dq = lower(do, h^T, k, dA)     dk = upper(v, dh^T, q, dA)
+              dgk = revcumsum(q ⊙ dq - k ⊙ dk) + <S_T, dS_T>_V     dgv = revcumsum(o ⊙ do - v ⊙ dv) + <S_T, dS_T>_K
+
+The gate gradients follow from ``G`` entering only through ``q e^{G}``, ``k e^{-G}`` (and ``o``, ``v`` for
+the value side) and the final state, so no kernel of their own is needed.
+
+CPU tensors run the PyTorch version of the same algorithm in ``chunk_torch.py``.
 """
 from __future__ import annotations
 
 import torch
 
+from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
+from fla_gsa.ops.common.chunk_scores import chunk_scores
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_chunk_size, check_linear_attn
+from fla_gsa.ops.utils.cumsum import cumsum_fwd
+from fla_gsa.ops.utils.index import prepare_lens
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Operand dtype of the kernels' products: the half-precision dtype among the inputs, if any."""
+    for t in tensors:
+        if t.dtype in (torch.bfloat16, torch.float16):
+            return t.dtype
+    return torch.float32
+
+
+def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype):
+    cdt = compute_dtype(k, v, q)
+    Gk = cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens) if gk is not None else None
+    Gv = cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens) if gv is not None else None
+    h, ht = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt)
+    A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
+    o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt)
+    return Gk, Gv, h, A, o, ht
+
+
+def _add_final_state_term(dg, term, cu_seqlens):
+    """Add the final-state contribution ``term [N, H, D]`` to every step of its sequence."""
+    if cu_seqlens is None:
+        return dg + term[:, None]
+    return dg + term.repeat_interleave(prepare_lens(cu_seqlens), dim=0)[None]
+
+
+def _gate_grad(a, da, b, db, ht, dht, reduce_dim, cu_seqlens):
+    """``revcumsum(sum_group a ⊙ da - b ⊙ db) + <S_T, dS_T>`` for one gate; ``a``/``da`` have the
+    query heads, ``b``/``db`` the key/value heads."""
+    B, T, H, D = b.shape
+    x = (a.float() * da.float()).view(B, T, H, -1, D).sum(3) - b.float() * db.float()
+    dg = cumsum_fwd(x, None, reverse=True, cu_seqlens=cu_seqlens)
+    if dht is not None:
+        dg = _add_final_state_term(dg, (ht * dht.float()).sum(reduce_dim), cu_seqlens)
+    return dg
+
+
+def chunk_bwd(q, k, v, Gk, Gv, h, A, o, do, dht, ht, scale, initial_state, cu_seqlens, chunk_size,
+              need_dgk, need_dgv):
+    H = k.shape[2]
+    cdt = compute_dtype(k, v, q)
+    if h is None:  # recompute the chunk-boundary states instead of having kept them
+        h, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
+    dh, dh0 = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H, initial_state is not None,
+                           cdt, cdt)
+    dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
+    f32 = torch.float32
+    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, f32, cdt)
+    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, f32, cdt, transpose_m=True)
+    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, f32, cdt, transpose_m=True)
+    dgk = _gate_grad(q, dq, k, dk, ht, dht, -1, cu_seqlens) if need_dgk else None
+    dgv = _gate_grad(o, do, v, dv, ht, dht, -2, cu_seqlens) if need_dgv else None
+    return dq, dk, dv, dgk, dgv, dh0
+
+
+class ChunkLinearAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                output_dtype, checkpoint_level):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        gk = gk.contiguous() if gk is not None else None
+        gv = gv.contiguous() if gv is not None else None
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        Gk, Gv, h, A, o, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
+                                        chunk_size, output_dtype)
+        keep_h = checkpoint_level == 0
+        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o if gv is not None else None, ht, h0,
+                              cu_seqlens)
+        ctx.meta = (scale, chunk_size, gk is not None and gk.requires_grad, gv is not None and gv.requires_grad,
+                    [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)])
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, Gk, Gv, h, A, o, ht, h0, cu_seqlens = ctx.saved_tensors
+        scale, chunk_size, need_dgk, need_dgv, dtypes = ctx.meta
+        dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
+            q, k, v, Gk, Gv, h, A, o, do.contiguous(), dht.contiguous() if dht is not None else None, ht,
+            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv)
+        grads = [g.to(dt) if g is not None else None for g, dt in zip((dq, dk, dv, dgk, dgv, dh0), dtypes)]
+        dq, dk, dv, dgk, dgv, dh0 = grads
+        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
 
 
 def chunk_linear_attn(
@@ -25,13 +126,53 @@ def chunk_linear_attn(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     output_dtype: torch.dtype | None = None,
+    checkpoint_level: int = 1,
 ):
-    """Chunked gated linear attention, the primitive GLA, GSA and ABC are built from."""
+    r"""Chunked gated linear attention with the gate on the key side, the value side, or both; the
+    primitive that GLA, GSA and ABC are built from.
+
+    .. math::
+        S_t = \mathrm{Diag}(e^{gk_t})\, S_{t-1}\, \mathrm{Diag}(e^{gv_t}) + k_t v_t^\top, \qquad
+        o_t = \text{scale} \cdot S_t^\top q_t
+
+    Args:
+        q: queries ``[B, T, HQ, K]``; ``HQ`` may be a multiple ``G * H`` of the key/value heads (GQA:
+            query head ``i`` reads key/value head ``i // G``; nothing is repeated in memory).
+        k: keys ``[B, T, H, K]``.
+        v: values ``[B, T, H, V]``.
+        gk: log forget gates on the key side ``[B, T, H, K]`` (``<= 0``), or None.
+        gv: log forget gates on the value side ``[B, T, H, V]`` (``<= 0``), or None.
+        scale: factor on ``q``; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` state before the first step of each sequence (fp32 advised).
+        output_final_state: also return the state after the last step of each sequence.
+        cu_seqlens: ``[N + 1]`` int offsets of sequences packed along ``T`` (then ``B == 1``); each
+            sequence starts from its own initial state.
+        chunk_size: chunk length of the algorithm (a power of two ``>= 16``).
+        output_dtype: dtype of ``o``; default ``v.dtype``.
+        checkpoint_level: 0 keeps the chunk-boundary states for the backward; 1 (default) recomputes
+            them there, saving ``B * ceil(T / chunk_size) * H * K * V`` elements of memory.
+
+    Returns:
+        ``(o [B, T, HQ, V], final_state [N, H, K, V] fp32 or None)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_gsa.ops import chunk_linear_attn
+        >>> q, k = torch.randn(2, 100, 4, 32), torch.randn(2, 100, 4, 32)
+        >>> v = torch.randn(2, 100, 4, 48)
+        >>> gk = F.logsigmoid(torch.randn(2, 100, 4, 32))
+        >>> o, ht = chunk_linear_attn(q, k, v, gk=gk, output_final_state=True)
+        >>> o.shape, ht.shape
+        (torch.Size([2, 100, 4, 48]), torch.Size([2, 4, 32, 48]))
+    """
     _, _, _, _, _, _, _, scale = check_linear_attn(q, k, v, gk, gv, scale, initial_state, cu_seqlens)
     check_chunk_size(chunk_size)
+    if checkpoint_level not in (0, 1):
+        raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
     output_dtype = output_dtype or v.dtype
     if use_triton(q):
-        raise NotImplementedError("Triton chunk path: in progress")
+        return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
+                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch
 
     return chunk_linear_attn_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,

@@ -109,15 +109,21 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
     return o.view(g.shape)
 
 
+def cumsum_fwd(g, chunk_size=None, reverse=False, scale=None, cu_seqlens=None, output_dtype=torch.float32):
+    """Unchecked, non-differentiable cumsum for use inside other ops (``chunk_size=None``: whole
+    sequences)."""
+    if use_triton(g):
+        return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
+    o = _torch_cumsum(_as_4d(g), chunk_size, reverse, cu_seqlens).view(g.shape)
+    return (o * scale if scale is not None else o).to(output_dtype)
+
+
 class _CumsumFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
         ctx.args = (chunk_size, reverse, scale, cu_seqlens)
         ctx.in_dtype = g.dtype
-        if use_triton(g):
-            return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
-        o = _torch_cumsum(_as_4d(g), chunk_size, reverse, cu_seqlens).view(g.shape)
-        return (o * scale if scale is not None else o).to(output_dtype)
+        return cumsum_fwd(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
 
     @staticmethod
     def backward(ctx, do):

@@ -35,3 +35,43 @@ def seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
 
 def next_pow2(n: int, minimum: int = 16) -> int:
     return max(triton.next_power_of_2(n), minimum)
+
+
+@triton.jit
+def load_tile(ptr, bos, o_t, m_t, head, NH: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    """Load rows ``o_t`` (relative to ``bos``) and columns ``o_d`` of head ``head`` from a contiguous
+    ``[.., T, NH, D]`` tensor as a ``[len(o_t), len(o_d)]`` tile, zero outside the masks."""
+    offs = ((bos + o_t) * NH + head)[:, None] * D + o_d[None, :]
+    return tl.load(ptr + offs, mask=m_t[:, None] & m_d[None, :], other=0)
+
+
+@triton.jit
+def store_tile(ptr, value, bos, o_t, m_t, head, NH: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    offs = ((bos + o_t) * NH + head)[:, None] * D + o_d[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def load_row(ptr, bos, t, head, NH: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    """One row ``t`` of head ``head`` as a ``[len(o_d)]`` vector."""
+    return tl.load(ptr + ((bos + t) * NH + head) * D + o_d, mask=m_d, other=0)
+
+
+@triton.jit
+def broadcast_lt(o, t, T):
+    """``t < T`` for a scalar ``t``, broadcast to the shape of ``o``: Triton's interpreter rejects masks
+    that combine a scalar condition with a vector one."""
+    return (o * 0 + t) < T
+
+
+_TL_DTYPES = {}
+
+
+def tl_dtype(dtype):
+    """The ``tl`` dtype matching a torch dtype (for compute-dtype constexprs)."""
+    import torch
+
+    if not _TL_DTYPES:
+        _TL_DTYPES.update({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                           torch.float32: tl.float32, torch.float64: tl.float64})
+    return _TL_DTYPES[dtype]

@@ -1,0 +1,181 @@
+"""Step 1 of the chunked algorithm: the state at every chunk boundary (forward), and the gradient of
+the state at every chunk boundary (backward). Both are sequential scans over chunks; the work inside a
+chunk is one ``[K, BT] x [BT, V]`` product.
+
+Forward, for chunk n with in-chunk gate cumsums ``Gk``, ``Gv`` and last row ``L``:
+
+    h[n+1] = Diag(e^{Gk_L}) h[n] Diag(e^{Gv_L}) + (k ⊙ e^{Gk_L - Gk})^T (v ⊙ e^{Gv_L - Gv})
+
+Backward (reverse), ``dh[n]`` is the gradient of the state at the *end* of chunk n:
+
+    dh[n-1] = Diag(e^{Gk_L}) dh[n] Diag(e^{Gv_L}) + scale * sum_{query heads of the group} (q ⊙ e^{Gk})^T (do ⊙ e^{Gv})
+
+Every exponent is ``<= 0`` (cumsums of log-gates decrease), so nothing can overflow however strong the
+gates are.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fla_gsa.ops.utils.backend import dot_precision
+from fla_gsa.ops.utils.index import prepare_chunk_offsets
+from fla_gsa.ops.utils.triton_utils import load_row, load_tile, next_pow2, seq_bounds, tl_dtype
+
+
+@triton.jit
+def chunk_fwd_h_kernel(
+    k, v, gk, gv, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = (i_n * NT).to(tl.int64)
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+
+    for i_t in range(0, NT):
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_k = load_tile(k, bos, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32)  # [BT, BK]
+        b_v = load_tile(v, bos, o_t, m_t, i_h, H, V, o_v, m_v).to(tl.float32)  # [BT, BV]
+        if USE_GK:
+            b_gl = load_row(gk, bos, last, i_h, H, K, o_k, m_k)  # [BK]
+            b_g = load_tile(gk, bos, o_t, m_t, i_h, H, K, o_k, m_k)  # [BT, BK]
+            b_k = b_k * tl.where(m_t[:, None], tl.exp(b_gl[None, :] - b_g), 0)
+            b_h = b_h * tl.exp(b_gl)[:, None]
+        if USE_GV:
+            b_gl = load_row(gv, bos, last, i_h, H, V, o_v, m_v)  # [BV]
+            b_g = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
+            b_v = b_v * tl.where(m_t[:, None], tl.exp(b_gl[None, :] - b_g), 0)
+            b_h = b_h * tl.exp(b_gl)[None, :]
+        b_h += tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT), input_precision=PREC)
+
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def chunk_bwd_dh_kernel(
+    q, do, gk, gv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = (i_n * NT).to(tl.int64)
+    HQ: tl.constexpr = H * G
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+
+    for i in range(0, NT):
+        i_t = NT - 1 - i
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        if USE_GK:
+            b_gk = load_tile(gk, bos, o_t, m_t, i_h, H, K, o_k, m_k)  # [BT, BK]
+            b_dh = b_dh * tl.exp(load_row(gk, bos, last, i_h, H, K, o_k, m_k))[:, None]
+        if USE_GV:
+            b_gv = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
+            b_dh = b_dh * tl.exp(load_row(gv, bos, last, i_h, H, V, o_v, m_v))[None, :]
+        b_acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i_g in range(0, G):
+            i_hq = i_h * G + i_g
+            b_q = load_tile(q, bos, o_t, m_t, i_hq, HQ, K, o_k, m_k).to(tl.float32)  # [BT, BK]
+            b_do = load_tile(do, bos, o_t, m_t, i_hq, HQ, V, o_v, m_v).to(tl.float32)  # [BT, BV]
+            if USE_GK:
+                b_q = b_q * tl.exp(b_gk)
+            if USE_GV:
+                b_do = b_do * tl.exp(b_gv)
+            b_acc += tl.dot(tl.trans(b_q.to(DT)), b_do.to(DT), input_precision=PREC)
+        b_dh += scale * b_acc
+
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
+
+
+def _scan_setup(x, cu_seqlens, chunk_size):
+    B, T = x.shape[:2]
+    if cu_seqlens is None:
+        N, NT, offsets = B, B * triton.cdiv(T, chunk_size), None
+    else:
+        offsets = prepare_chunk_offsets(cu_seqlens, chunk_size)
+        N, NT = len(cu_seqlens) - 1, int(offsets[-1].item())
+    return N, NT, offsets
+
+
+def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
+                states_dtype=None):
+    """States entering every chunk, ``h [NT_total, H, K, V]`` (``states_dtype``, default k's dtype;
+    chunk ``c`` of sequence ``n`` at row ``chunk_offsets[n] + c``), and the final states ``[N, H, K, V]``
+    in fp32 if asked. ``gk``/``gv`` are in-chunk cumsums (``chunk_local_cumsum``) or None."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N, NT, offsets = _scan_setup(k, cu_seqlens, chunk_size)
+    h = k.new_empty(NT, H, K, V, dtype=states_dtype or k.dtype)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
+    chunk_fwd_h_kernel[grid](
+        k, v, gk, gv, h, initial_state, ht, cu_seqlens, offsets, T,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+    )
+    return h, ht
+
+
+def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0, compute_dtype,
+                 states_dtype=None):
+    """Gradients of the state at the end of every chunk, ``dh [NT_total, H, K, V]``, and of the initial
+    state ``dh0 [N, H, K, V]`` (fp32) if ``need_dh0``. ``q``/``do`` have ``HQ = G * H`` heads; the
+    group's contributions are summed inside the kernel; products run in ``compute_dtype``."""
+    B, T, HQ, K = q.shape
+    V = do.shape[-1]
+    N, NT, offsets = _scan_setup(q, cu_seqlens, chunk_size)
+    dh = q.new_empty(NT, H, K, V, dtype=states_dtype or torch.float32)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
+    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
+    chunk_bwd_dh_kernel[grid](
+        q, do, gk, gv, dh, dht, dh0, cu_seqlens, offsets, scale, T,
+        H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
+        USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+    )
+    return dh, dh0

@@ -1,0 +1,223 @@
+"""Step 3 of the chunked algorithm: apply the chunk-boundary states and the intra-chunk scores.
+
+Two kernels, each other's transpose, cover the output and all four input gradients:
+
+lower (row i reads the state entering its chunk and the rows j <= i):
+
+    Y_i = scale * ((P_i ⊙ e^{Gp_i}) @ M) ⊙ e^{Gy_i}  +  sum_{j <= i} A_ij X_j ⊙ e^{Gy_i - Gy_j}
+
+    o  = lower(P=q,  Gp=Gk, M=h,   X=v, Gy=Gv, A=A)      (forward)
+    dq = lower(P=do, Gp=Gv, M=h^T, X=k, Gy=Gk, A=dA)     (backward)
+
+upper (row j feeds the state leaving its chunk and the rows i >= j):
+
+    Y_j = scale * ((P_j ⊙ e^{Gp_L - Gp_j}) @ M) ⊙ e^{Gy_L - Gy_j}  +  sum_{i >= j} A_ij X_i ⊙ e^{Gy_i - Gy_j}
+
+    dv = upper(P=k, Gp=Gk, M=dh,   X=do, Gy=Gv, A=A)
+    dk = upper(P=v, Gp=Gv, M=dh^T, X=q,  Gy=Gk, A=dA)
+
+``M`` is read through strides, so ``h^T`` costs nothing. ``P`` and ``M`` of the lower kernel and ``X``
+and ``A`` of the upper one have the query heads (``HQ = G * H``); the upper kernel sums a group's query
+heads, so GQA never materializes repeated tensors.
+
+Numerics of the gated sum over rows (``Gy``): the rows are split into blocks of ``BC = 16`` and the
+block-to-block part is factored through a reference row between the two blocks (both factors ``<= 1``);
+the diagonal block forms ``e^{Gy_i - Gy_j}`` exactly, one row or column at a time, masked in the
+exponent. Without ``Gy`` a chunk is one product.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fla_gsa.ops.utils.backend import dot_precision
+from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.triton_utils import broadcast_lt, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
+
+
+@triton.jit
+def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
+                   o_y, m_y, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr,
+                   FROM_END: tl.constexpr, last, DT: tl.constexpr, PREC: tl.constexpr):
+    """``(P_r ⊙ gate) @ M`` for rows ``o_r``: gate ``e^{Gp_r}`` (lower) or ``e^{Gp_L - Gp_r}`` (upper)."""
+    b_y = tl.zeros([BC, BY], dtype=tl.float32)
+    for i_p in range(0, tl.cdiv(DP, BP)):
+        o_p = i_p * BP + tl.arange(0, BP)
+        m_p = o_p < DP
+        b_p = load_tile(p, bos, o_r, m_r, i_hp, NHP, DP, o_p, m_p).to(tl.float32)  # [BC, BP]
+        if USE_GP:
+            b_g = load_tile(gp, bos, o_r, m_r, i_h, H, DP, o_p, m_p).to(tl.float32)
+            if FROM_END:
+                b_gl = load_row(gp, bos, last, i_h, H, DP, o_p, m_p).to(tl.float32)
+                b_g = b_gl[None, :] - b_g
+            b_p = b_p * tl.where(m_r[:, None], tl.exp(b_g), 0)
+        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+        b_y += tl.dot(b_p.to(DT), b_m.to(DT), input_precision=PREC)
+    return b_y
+
+
+@triton.jit
+def chunk_apply_lower_kernel(
+    p, gp, hm, x, gy, A, y, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
+    S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
+    USE_GP: tl.constexpr, USE_GY: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    HQ: tl.constexpr = H * G
+    i_t, i_c = i_tc // NC, i_tc % NC
+    i_b, i_hq = i_bhq // HQ, i_bhq % HQ
+    i_h = i_hq // G
+    i_tg = i_t
+    _, i_t, bos, T = chunk_bounds(i_b, i_t, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    if not IS_VARLEN:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+    t0 = i_t * BT
+    r = t0 + i_c * BC
+    o_i = r + tl.arange(0, BC)
+    m_i = o_i < T
+    o_y = i_y * BY + tl.arange(0, BY)
+    m_y = o_y < DY
+    o_j = t0 + tl.arange(0, BT)
+    p_row = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT  # [BC]
+
+    p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
+    b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
+                                 BC, BP, BY, USE_GP, False, 0, DT, PREC)
+    if USE_GY:
+        b_gy = load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
+        b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r
+        b_y = b_y * tl.where(m_i[:, None], tl.exp(b_gy), 0)
+        # rows j of earlier blocks: e^{Gy_i - Gy_j} = e^{Gy_i - Gy_r} e^{Gy_r - Gy_j}
+        m_off = o_j < r
+        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_off[None, :], other=0)
+        b_x = load_tile(x, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
+        b_gx = load_tile(gy, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)
+        b_x = b_x * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gx), 0)
+        b_o = tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
+        b_y += b_o * tl.where(m_i[:, None], tl.exp(b_gy - b_gr[None, :]), 0)
+        # the diagonal block, one column j at a time
+        for jj in tl.static_range(BC):
+            j = r + jj
+            jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
+            b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
+            b_xj = load_row(x, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
+            b_gj = load_row(gy, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
+            m_e = m_i[:, None] & (o_i[:, None] >= j)
+            b_y += b_aj[:, None] * b_xj[None, :] * tl.exp(tl.where(m_e, b_gy - b_gj[None, :], float("-inf")))
+    else:
+        m_j = (o_j < T)[None, :] & (o_j[None, :] <= o_i[:, None])
+        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_j, other=0)  # [BC, BT]
+        b_x = load_tile(x, bos, o_j, o_j < T, i_h, H, DY, o_y, m_y)
+        b_y += tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
+    store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+
+
+@triton.jit
+def chunk_apply_upper_kernel(
+    p, gp, hm, x, gy, A, y, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
+    S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
+    USE_GP: tl.constexpr, USE_GY: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    HQ: tl.constexpr = H * G
+    i_t, i_c = i_tc // NC, i_tc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg = i_t
+    _, i_t, bos, T = chunk_bounds(i_b, i_t, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    if not IS_VARLEN:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+    t0 = i_t * BT
+    r0 = t0 + i_c * BC
+    o_j = r0 + tl.arange(0, BC)
+    m_j = o_j < T
+    last = tl.minimum(t0 + BT, T) - 1
+    o_y = i_y * BY + tl.arange(0, BY)
+    m_y = o_y < DY
+    o_i = t0 + tl.arange(0, BT)
+
+    p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
+    b_y = scale * _state_product(p, gp, p_m, bos, o_j, m_j, i_h, H, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
+                                 BC, BP, BY, USE_GP, True, last, DT, PREC)
+    if USE_GY:
+        b_gy = load_tile(gy, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
+        b_gl = load_row(gy, bos, last, i_h, H, DY, o_y, m_y).to(tl.float32)
+        b_y = b_y * tl.where(m_j[:, None], tl.exp(b_gl[None, :] - b_gy), 0)
+        # reference: the block's last row; rows i of later blocks see e^{Gy_i - Gy_ref} e^{Gy_ref - Gy_j}
+        ref = tl.minimum(r0 + BC, T) - 1
+        b_gr = load_row(gy, bos, ref, i_h, H, DY, o_y, m_y).to(tl.float32)
+        m_off = (o_i > ref) & (o_i < T)
+        b_gx = load_tile(gy, bos, o_i, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
+        b_e = tl.where(m_off[:, None], tl.exp(b_gx - b_gr[None, :]), 0)
+        b_acc = tl.zeros([BC, BY], dtype=tl.float32)
+        for i_g in range(0, G):
+            i_hq = i_h * G + i_g
+            p_col = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT  # [BT] row starts of rows i
+            b_a = tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_off[:, None] & m_j[None, :], other=0)
+            b_x = load_tile(x, bos, o_i, m_off, i_hq, HQ, DY, o_y, m_y).to(tl.float32) * b_e  # [BT, BY]
+            b_acc += tl.dot(tl.trans(b_a.to(DT)), b_x.to(DT), input_precision=PREC)
+            # the diagonal block, one row i at a time
+            for ii in tl.static_range(BC):
+                i = r0 + ii
+                ic = tl.minimum(i, T - 1)  # a row past the end adds zero: its score is masked to 0
+                m_ai = m_j & broadcast_lt(o_j, i, T)
+                b_ai = tl.load(A + ((bos + ic) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_ai, other=0)
+                b_xi = load_row(x, bos, ic, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
+                b_gi = load_row(gy, bos, ic, i_h, H, DY, o_y, m_y).to(tl.float32)
+                m_e = m_j[:, None] & (o_j[:, None] <= ic)
+                b_y += b_ai[:, None] * b_xi[None, :] * tl.exp(tl.where(m_e, b_gi[None, :] - b_gy, float("-inf")))
+        b_y += b_acc * tl.where(m_j[:, None], tl.exp(b_gr[None, :] - b_gy), 0)
+    else:
+        m_i = o_i < T
+        m_a = m_i[:, None] & m_j[None, :] & (o_i[:, None] >= o_j[None, :])
+        for i_g in range(0, G):
+            i_hq = i_h * G + i_g
+            p_col = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT
+            b_a = tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)  # [BT, BC]
+            b_x = load_tile(x, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+            b_y += tl.dot(tl.trans(b_a.to(DT)), b_x.to(DT), input_precision=PREC)
+    store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+
+
+def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
+           compute_dtype):
+    B, T, _, DP = p.shape
+    DY = x.shape[-1]
+    HQ = A.shape[2]
+    BT = chunk_size
+    BC = 16 if gy is not None else BT
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(prepare_chunk_indices(cu_seqlens, BT))
+    indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
+    # m is [NT, H, K, V]; lower/upper read it as [DP, DY] through strides
+    S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
+    y = p.new_empty(B, T, heads, DY, dtype=out_dtype)
+    BP, BY = min(64, next_pow2(DP)), min(64, next_pow2(DY))
+    grid = (triton.cdiv(DY, BY), NT * (BT // BC), B * heads)
+    kernel[grid](
+        p, gp, m, x, gy, A, y, cu_seqlens, indices, scale, T,
+        H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
+        USE_GP=gp is not None, USE_GY=gy is not None, IS_VARLEN=cu_seqlens is not None,
+        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+    )
+    return y
+
+
+def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
+                      transpose_m=False):
+    """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
+    ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``."""
+    return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
+                  chunk_size, out_dtype, compute_dtype)
+
+
+def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
+                      transpose_m=False):
+    """Upper apply: ``y [B, T, H, DY]`` from ``p [B, T, H, DP]``, state gradients ``m [NT, H, ., .]``,
+    ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``."""
+    return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
+                  chunk_size, out_dtype, compute_dtype)

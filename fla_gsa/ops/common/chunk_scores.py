@@ -1,0 +1,104 @@
+"""Step 2 of the chunked algorithm: the intra-chunk score matrix with gate ratios,
+
+    A[i, j] = scale * sum_d Q_i[d] K_j[d] exp(G_i[d] - G_j[d])      for j <= i in the same chunk, else 0
+
+stored as ``A [B, T, HQ, BT]`` in fp32 (row ``i``, column ``j - chunk start``). The forward uses it with
+``(q, k, Gk)``; the backward with ``(do, v, Gv)`` gives the score gradient ``dA``.
+
+Numerics: the rows of a chunk are split into blocks of ``BC = 16``. For columns ``j`` of earlier
+blocks the ratio is factored through the block's first row ``r``:
+``exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j)``, both factors ``<= 1`` (cumsums decrease), so the
+block is one matrix product and nothing overflows however strong the gates. On the diagonal block the
+ratio is formed exactly, one column at a time, with the causal mask applied to the exponent.
+Without a gate the whole chunk is one masked product.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fla_gsa.ops.utils.backend import dot_precision
+from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
+
+
+@triton.jit
+def chunk_scores_kernel(
+    q, k, g, A, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BD: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_tc, i_bhq = tl.program_id(0), tl.program_id(1)
+    NC: tl.constexpr = BT // BC
+    HQ: tl.constexpr = H * G
+    i_t, i_c = i_tc // NC, i_tc % NC
+    i_b, i_hq = i_bhq // HQ, i_bhq % HQ
+    i_h = i_hq // G
+    _, i_t, bos, T = chunk_bounds(i_b, i_t, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    t0 = i_t * BT
+    r = t0 + i_c * BC  # first row of this program's block
+    o_i = r + tl.arange(0, BC)
+    m_i = o_i < T
+    o_j = t0 + tl.arange(0, BT)
+    p_row = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT  # [BC] row starts
+
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    if USE_G:
+        o_c = tl.arange(0, BC)
+        m_off = o_j < r  # columns of the earlier blocks (all < T since r < T wherever it matters)
+        b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            m_d = o_d < D
+            b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d).to(tl.float32)  # [BC, BD]
+            b_gq = load_tile(g, bos, o_i, m_i, i_h, H, D, o_d, m_d).to(tl.float32)  # [BC, BD]
+            b_gr = load_row(g, bos, tl.minimum(r, T - 1), i_h, H, D, o_d, m_d).to(tl.float32)  # [BD]
+            b_k = load_tile(k, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)  # [BT, BD]
+            b_gk = load_tile(g, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)
+            b_qg = b_q * tl.where(m_i[:, None], tl.exp(b_gq - b_gr[None, :]), 0)
+            b_kg = b_k * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gk), 0)
+            b_A += tl.dot(b_qg.to(DT), tl.trans(b_kg.to(DT)), input_precision=PREC)
+            for jj in tl.static_range(BC):
+                j = r + jj
+                jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
+                b_kj = load_row(k, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
+                b_gj = load_row(g, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
+                m_e = m_i[:, None] & (o_i[:, None] >= j)
+                b_e = tl.exp(tl.where(m_e, b_gq - b_gj[None, :], float("-inf")))
+                b_a = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)  # [BC]: column jj of the block
+                b_Ad += tl.where(o_c[None, :] == jj, b_a[:, None], 0)
+        # Disjoint stores: earlier columns and the zeros after the block, then the diagonal block.
+        m_rest = (o_j < r) | (o_j >= r + BC)
+        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A * scale, mask=m_i[:, None] & m_rest[None, :])
+        tl.store(p_row[:, None] + (r - t0 + o_c)[None, :], b_Ad * scale, mask=m_i[:, None])
+    else:
+        m_j = o_j < T
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            m_d = o_d < D
+            b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d)
+            b_k = load_tile(k, bos, o_j, m_j, i_h, H, D, o_d, m_d)
+            b_A += tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+        b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
+        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
+
+
+def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
+    """``A [B, T, HQ, BT]`` fp32 for ``q [B, T, HQ, D]``, ``k [B, T, H, D]`` and in-chunk gate cumsums
+    ``g [B, T, H, D]`` (or None)."""
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    BT = chunk_size
+    BC = 16 if g is not None else BT
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(prepare_chunk_indices(cu_seqlens, BT))
+    indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
+    A = q.new_empty(B, T, HQ, BT, dtype=torch.float32)
+    BD = min(64, next_pow2(D))
+    grid = (NT * (BT // BC), B * HQ)
+    chunk_scores_kernel[grid](
+        q, k, g, A, cu_seqlens, indices, scale, T,
+        H=H, G=HQ // H, D=D, BT=BT, BC=BC, BD=BD, USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+    )
+    return A

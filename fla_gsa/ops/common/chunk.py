@@ -166,6 +166,13 @@ def chunk_linear_attn(
         (torch.Size([2, 100, 4, 48]), torch.Size([2, 4, 32, 48]))
     """
     _, _, _, _, _, _, _, scale = check_linear_attn(q, k, v, gk, gv, scale, initial_state, cu_seqlens)
+    return chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,
+                                       chunk_size, output_dtype, checkpoint_level)
+
+
+def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,
+                                chunk_size=64, output_dtype=None, checkpoint_level=1):
+    """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved)."""
     check_chunk_size(chunk_size)
     if checkpoint_level not in (0, 1):
         raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")

@@ -1,0 +1,202 @@
+"""Fused cross entropy (precomputed logits) and the chunked linear + cross entropy against
+``F.cross_entropy`` in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_gsa.modules import (
+    FusedCrossEntropyLoss,
+    FusedLinearCrossEntropyLoss,
+    fused_cross_entropy,
+    fused_linear_cross_entropy,
+)
+from conftest import DEVICE, assert_rel
+
+
+def make_labels(N, V, ignore_frac=0.25, ignore_index=-100):
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < ignore_frac] = ignore_index
+    return labels
+
+
+def ref_ce(logits, labels, ignore_index=-100, reduction="mean"):
+    """float64 F.cross_entropy; 'mean' over non-ignored rows, 0 when none."""
+    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=ignore_index, reduction="none").view(labels.shape)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / (labels != ignore_index).sum().clamp_min(1) if reduction == "mean" else total
+
+
+# ---------------------------------------------------------------- precomputed logits
+
+@pytest.mark.triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("N,V", [(37, 333), (5, 5000)])
+def test_cross_entropy_fp32(reduction, N, V):
+    logits = (3 * torch.randn(N, V, device=DEVICE)).requires_grad_()
+    labels = make_labels(N, V)
+    logits0 = logits.detach().clone()
+    loss = fused_cross_entropy(logits, labels, reduction=reduction)
+    ref = ref_ce(logits, labels, reduction=reduction)
+    assert loss.dtype == torch.float32
+    assert_rel("loss", loss, ref, 1e-5)
+    dl = torch.randn_like(ref)
+    (g,) = torch.autograd.grad((loss.double() * dl).sum(), logits)
+    (rg,) = torch.autograd.grad((ref * dl).sum(), logits)
+    assert_rel("dlogits", g, rg, 1e-5)
+    assert torch.equal(logits.detach(), logits0), "logits were modified in place"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_half(dtype):
+    logits = (2 * torch.randn(2, 9, 1000, device=DEVICE)).to(dtype).requires_grad_()
+    labels = make_labels(18, 1000).view(2, 9)
+    loss = FusedCrossEntropyLoss()(logits, labels)
+    ref = ref_ce(logits, labels)
+    assert_rel("loss", loss, ref, 1e-5)  # the math is fp32 on the given (rounded) logits
+    (g,) = torch.autograd.grad(loss, logits)
+    (rg,) = torch.autograd.grad(ref, logits)
+    assert g.dtype == dtype
+    assert_rel("dlogits", g, rg, 1e-2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_all_ignored(reduction):
+    logits = torch.randn(6, 50, device=DEVICE, requires_grad=True)
+    labels = torch.full((6,), -1, device=DEVICE)
+    loss = fused_cross_entropy(logits, labels, ignore_index=-1, reduction=reduction)
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    loss.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.triton
+def test_cross_entropy_non_contiguous_rows():
+    base = torch.randn(20, 64, device=DEVICE)
+    logits = base[::2]  # row stride 128, last dim contiguous
+    labels = make_labels(10, 64)
+    assert_rel("loss", fused_cross_entropy(logits, labels), ref_ce(logits, labels), 1e-5)
+
+
+def test_cross_entropy_bad_inputs():
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_cross_entropy(logits, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused_cross_entropy(logits, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="labels"):
+        fused_cross_entropy(logits, torch.zeros(4))
+    with pytest.raises(ValueError, match="reduction"):
+        FusedCrossEntropyLoss(reduction="avg")
+
+
+# ---------------------------------------------------------------- linear + cross entropy
+
+def ref_linear_ce(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean"):
+    logits = F.linear(hidden.double(), weight.double(), bias.double() if bias is not None else None)
+    return ref_ce(logits, labels, ignore_index, reduction)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("reduction,chunk_size", [("mean", 8), ("sum", None), ("mean", 1000)])
+def test_linear_cross_entropy_fp32(use_bias, reduction, chunk_size):
+    N, D, V = 37, 100, 333
+    hidden = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(V, D, device=DEVICE) / D ** 0.5).requires_grad_()
+    bias = torch.randn(V, device=DEVICE, requires_grad=True) if use_bias else None
+    labels = make_labels(N, V)
+    tracked = [hidden, weight] + ([bias] if use_bias else [])
+    before = [t.detach().clone() for t in tracked]
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, chunk_size=chunk_size)
+    ref = ref_linear_ce(hidden, weight, labels, bias, reduction=reduction)
+    assert_rel("loss", loss, ref, 1e-5)
+    grads = torch.autograd.grad(loss * 1.5, tracked)
+    ref_grads = torch.autograd.grad(ref * 1.5, tracked)
+    for name, g, rg in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert_rel(f"d{name}", g, rg, 1e-5)
+    for t, b in zip(tracked, before):
+        assert torch.equal(t.detach(), b)
+
+
+@pytest.mark.triton
+def test_linear_cross_entropy_bf16():
+    N, D, V = 2 * 13, 64, 500
+    hidden = torch.randn(2, 13, D, device=DEVICE).bfloat16().requires_grad_()
+    weight = (torch.randn(V, D, device=DEVICE) / D ** 0.5).bfloat16().requires_grad_()
+    labels = make_labels(N, V).view(2, 13)
+    loss = FusedLinearCrossEntropyLoss(chunk_size=8)(hidden, weight, labels)
+    ref = ref_linear_ce(hidden, weight, labels)
+    assert_rel("loss", loss, ref, 1e-2)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for name, g, rg in zip(["hidden", "weight"], grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert_rel(f"d{name}", g, rg, 2e-2)
+
+
+@pytest.mark.triton
+def test_linear_cross_entropy_all_ignored_and_no_grad():
+    hidden = torch.randn(9, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    labels = torch.full((9,), -100, device=DEVICE)
+    loss = fused_linear_cross_entropy(hidden, weight, labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    labels = make_labels(9, 40)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+    assert_rel("no-grad loss", loss, ref_linear_ce(hidden, weight, labels), 1e-5)
+    # only the weight requires grad (frozen backbone): hidden gets none
+    loss = fused_linear_cross_entropy(hidden.detach(), weight, labels, chunk_size=4)
+    (gw,) = torch.autograd.grad(loss, weight)
+    (rgw,) = torch.autograd.grad(ref_linear_ce(hidden.detach(), weight, labels), weight)
+    assert_rel("dweight", gw, rgw, 1e-5)
+
+
+def test_linear_cross_entropy_bad_inputs():
+    h, w = torch.randn(4, 16), torch.randn(30, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused_linear_cross_entropy(h, torch.randn(30, 8), y)
+    with pytest.raises(TypeError, match="weight must have the dtype"):
+        fused_linear_cross_entropy(h, w.double(), y)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_linear_cross_entropy(h, w, y, bias=torch.randn(29))
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 30]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_cross_entropy(h, w, y, chunk_size=0)
+
+
+def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
+    from fla_gsa.modules import linear_cross_entropy as lce
+
+    assert lce.default_chunk_size(1024, 64, 4096) == 16
+    shapes = []
+    linear = F.linear
+
+    def spy(x, w, b=None):
+        out = linear(x, w, b)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(lce.F, "linear", spy)
+    N, D, V = 64, 8, 256
+    hidden = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    weight = torch.randn(V, D, device=DEVICE, requires_grad=True)
+    labels = make_labels(N, V)
+    loss = fused_linear_cross_entropy(hidden, weight, labels)
+    monkeypatch.undo()
+    assert max(s[0] for s in shapes) == lce.default_chunk_size(N, D, V) < N
+    assert_rel("loss", loss, ref_linear_ce(hidden, weight, labels), 1e-5)

@@ -1,0 +1,88 @@
+"""swiglu and GatedMLP against float64 PyTorch (and Llama's MLP, weights copied by name)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_gsa.modules import GatedMLP, swiglu
+from fla_gsa.modules.mlp import default_intermediate_size
+from conftest import DEVICE, assert_rel
+
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(1027,), (3, 17, 100), (2, 2048 + 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu(shape, dtype):
+    a = (3 * torch.randn(*shape, device=DEVICE)).to(dtype).requires_grad_()
+    b = torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_()
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    y = swiglu(a, b)
+    ref = F.silu(a.double()) * b.double()
+    assert y.dtype == dtype
+    assert_rel("y", y, ref, TOL[dtype])
+    dy = torch.randn_like(ref)
+    da, db = torch.autograd.grad((y.double() * dy).sum(), (a, b))
+    rda, rdb = torch.autograd.grad((ref * dy).sum(), (a, b))
+    assert_rel("da", da, rda, TOL[dtype])
+    assert_rel("db", db, rdb, TOL[dtype])
+    assert torch.equal(a.detach(), a0) and torch.equal(b.detach(), b0)
+
+
+@pytest.mark.triton
+def test_swiglu_non_contiguous():
+    a = torch.randn(20, 30, device=DEVICE).t()
+    b = torch.randn(30, 20, device=DEVICE)
+    assert_rel("y", swiglu(a, b), F.silu(a.double()) * b.double(), 1e-6)
+
+
+def test_swiglu_bad_inputs():
+    with pytest.raises(ValueError, match="b must have the shape"):
+        swiglu(torch.randn(3, 4), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        swiglu(torch.randn(3), torch.randn(3, dtype=torch.float64))
+
+
+def test_intermediate_size_default():
+    assert default_intermediate_size(100) == 512  # int(266.6) -> 512
+    assert default_intermediate_size(4096) == 11008  # Llama-7B
+    assert GatedMLP(2048).intermediate_size == default_intermediate_size(2048)
+    assert GatedMLP(64, intermediate_size=100).intermediate_size == 100
+    with pytest.raises(ValueError, match="hidden_act"):
+        GatedMLP(64, hidden_act="gelu")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_matches_reference(bias):
+    mlp = GatedMLP(100, intermediate_size=72, bias=bias).to(DEVICE)
+    x = torch.randn(2, 11, 100, device=DEVICE, requires_grad=True)
+    y = mlp(x)
+    params = dict(mlp.named_parameters())
+    xd = x.double()
+
+    def lin(name, t):
+        return F.linear(t, params[f"{name}.weight"].double(), params[f"{name}.bias"].double() if bias else None)
+
+    ref = lin("down_proj", F.silu(lin("gate_proj", xd)) * lin("up_proj", xd))
+    assert_rel("y", y, ref, 1e-5)
+    dy = torch.randn_like(ref)
+    tracked = [x] + list(params.values())
+    grads = torch.autograd.grad((y.double() * dy).sum(), tracked)
+    ref_grads = torch.autograd.grad((ref * dy).sum(), tracked)
+    for name, g, rg in zip(["x"] + list(params), grads, ref_grads):
+        assert_rel(f"d{name}", g, rg, 1e-5)
+
+
+def test_gated_mlp_loads_llama_weights():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, hidden_act="silu")
+    ref = llama.LlamaMLP(cfg).to(DEVICE)
+    mlp = GatedMLP(64, intermediate_size=160).to(DEVICE)
+    mlp.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 5, 64, device=DEVICE)
+    assert_rel("y", mlp(x), ref(x), 1e-6)

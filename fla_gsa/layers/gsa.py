@@ -1,0 +1,126 @@
+"""Gated Slot Attention layer (Zhang et al., NeurIPS 2024, §3).
+
+    q = swish(W_q x)   k = swish(W_k x)   v = silu(W_v x)          (per head: K = V = head_dim)
+    g = logsigmoid(W_f x) / τ    s = 1 − exp(g)                      (per key/value head: M slots)
+    o = GSA(q, k, v, s, g)                                          (chunk_gsa / fused_recurrent_gsa)
+    y = W_o · RMSNorm(silu(o))                                      (the norm over each head's V)
+
+The forget gate ``exp(g) = sigmoid(W_f x)^(1/τ)`` and the write ``s = 1 − exp(g)`` are tied: a slot
+that forgets little also writes little. τ (``gate_logit_normalizer``, 8) keeps the gates near 1 at
+initialization, so memories last for tens of tokens from the start.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fla_gsa.layers.base import RecurrentLayer
+from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
+from fla_gsa.modules import RMSNorm
+from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
+
+
+class GatedSlotAttention(RecurrentLayer):
+    """Gated Slot Attention: a bounded memory of ``num_slots`` slots per key/value head, read with a softmax.
+
+    Args:
+        hidden_size: ``D``.
+        num_heads: query heads ``HQ``.
+        num_kv_heads: key/value (and slot) heads ``H``; ``HQ`` must be a multiple (GQA, handled inside
+            the op). Default ``num_heads``.
+        head_dim: ``K = V`` per head; default ``hidden_size // num_heads``.
+        num_slots: ``M`` memory slots per key/value head.
+        gate_logit_normalizer: ``τ`` in ``g = logsigmoid(W_f x) / τ``.
+        norm_eps: epsilon of the output RMSNorm.
+        mode: ``"chunk"`` (training, prefill) or ``"fused_recurrent"``; a single token always takes the
+            fused recurrent step.
+        scale: factor on the slot logits; default ``head_dim ** -0.5``.
+        attention_bias: biases on ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``.
+        gate_bias: a bias on ``f_proj`` (set by the Llama conversion to place the initial gates).
+        use_short_conv: causal depthwise convolutions (with SiLU) on ``q``, ``k``, ``v`` before the
+            feature maps; ``conv_size`` taps, ``conv_bias``.
+        layer_idx: the layer's index in the model's cache.
+
+    Shapes:
+        ``forward(hidden_states [B, T, D], attention_mask [B, S] = None, past_key_values = None,
+        use_cache = False)`` returns ``(output [B, T, D], None, past_key_values)``. ``attention_mask`` is
+        1 for tokens, 0 for padding; its last ``T`` columns describe this call's tokens.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.layers import GatedSlotAttention
+        >>> layer = GatedSlotAttention(hidden_size=64, num_heads=4, num_kv_heads=2, num_slots=16)
+        >>> layer(torch.randn(2, 10, 64))[0].shape
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        num_slots: int = 64,
+        gate_logit_normalizer: float = 8.0,
+        norm_eps: float = 1e-6,
+        mode: str = "chunk",
+        scale: float | None = None,
+        attention_bias: bool = False,
+        gate_bias: bool = False,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        layer_idx: int | None = None,
+        **kwargs,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = resolve_heads(hidden_size, num_heads, num_kv_heads, head_dim)
+        self.num_slots = check_positive_int(num_slots, "num_slots")
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer!r}")
+        self.gate_logit_normalizer = float(gate_logit_normalizer)
+        self.mode = check_mode(mode)
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.use_short_conv = use_short_conv
+
+        H, HQ, K, M = self.num_kv_heads, self.num_heads, self.head_dim, self.num_slots
+        self.q_proj = nn.Linear(hidden_size, HQ * K, bias=attention_bias)
+        self.k_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
+        self.v_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
+        self.f_proj = nn.Linear(hidden_size, H * M, bias=gate_bias)
+        if use_short_conv:
+            self.convs = self.make_convs((HQ * K, H * K, H * K), conv_size, conv_bias)
+        self.g_norm = RMSNorm(K, eps=norm_eps)
+        self.o_proj = nn.Linear(HQ * K, hidden_size, bias=attention_bias)
+
+    @property
+    def o_shape(self):
+        return (self.num_heads, self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, num_slots={self.num_slots}, "
+                f"gate_logit_normalizer={self.gate_logit_normalizer}")
+
+    def project(self, x):
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)]
+
+    def mix(self, xs, initial_state, cu_seqlens, output_final_state):
+        q, k, v, f = xs
+        K, M = self.head_dim, self.num_slots
+        q = F.silu(q.unflatten(-1, (-1, K)))  # swish feature maps
+        k = F.silu(k.unflatten(-1, (-1, K)))
+        v = F.silu(v.unflatten(-1, (-1, K)))
+        # gates in fp32: the chunked op sums them over a chunk
+        g = F.logsigmoid(f.unflatten(-1, (-1, M)).float()) / self.gate_logit_normalizer
+        s = (1 - g.exp()).to(q.dtype)
+        op = fused_recurrent_gsa if self.op_mode(q.shape[1]) == "fused_recurrent" else chunk_gsa
+        return op(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+    def output(self, o, x):
+        o = self.g_norm(F.silu(o))
+        return self.o_proj(o.flatten(-2))

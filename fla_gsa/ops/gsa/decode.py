@@ -1,0 +1,187 @@
+"""One-token GSA decoding: both state updates, the slot softmax and the readout in one launch.
+
+Per key/value head, with ``a = exp(g)``::
+
+    hk' = hk Diag(a) + k s^T                 hk [K, M]
+    ok  = scale * hk'^T q                    [M], per query head of the group
+    p   = softmax(ok)                        over the M slots, fp32
+    hv' = Diag(a) hv + s v^T                 hv [M, V]
+    o   = hv'^T p                            [V], per query head
+
+This is one step of GSA's two gated-linear-attention passes (gate on the value side of ``hk``, on the
+key side of ``hv``), fused so a decoding step costs a single kernel with no host synchronization (it can
+be captured in a CUDA graph). The caller's states are never written: new ones are returned.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fla_gsa.ops.utils.backend import use_triton
+from fla_gsa.ops.utils.checks import check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
+from fla_gsa.ops.utils.triton_utils import next_pow2
+
+
+@triton.jit
+def fused_gsa_decode_kernel(
+    q, k, v, s, g, o, hk0, hv0, hk, hv, scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, M: tl.constexpr, V: tl.constexpr,
+    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):
+    # One program per (value block, batch * kv head). Every value block recomputes the cheap K pass
+    # (the softmax needs all of it); only the first one stores hk'.
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    HQ: tl.constexpr = H * G
+    i_bh = i_bh.to(tl.int64)
+
+    o_g = tl.arange(0, BG)
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    b_s = tl.load(s + i_bh * M + o_m, mask=m_m, other=0).to(tl.float32)  # [BM]
+    b_a = tl.exp(tl.load(g + i_bh * M + o_m, mask=m_m, other=0).to(tl.float32))  # [BM]
+    p_q = q + (i_b * HQ + i_h * G).to(tl.int64) * K
+
+    # pass K: hk' and the slot logits of every query head of the group
+    b_ok = tl.zeros([BG, BM], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_hk = m_k[:, None] & m_m[None, :]
+        o_hk = i_bh * K * M + o_k[:, None] * M + o_m[None, :]
+        b_hk = tl.zeros([BK, BM], dtype=tl.float32)
+        if USE_INITIAL_STATE:
+            b_hk += tl.load(hk0 + o_hk, mask=m_hk, other=0).to(tl.float32)
+        b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0).to(tl.float32)
+        b_hk = b_hk * b_a[None, :] + b_k[:, None] * b_s[None, :]  # [BK, BM]
+        if i_v == 0:
+            tl.store(hk + o_hk, b_hk, mask=m_hk)
+        for i_g in tl.static_range(G):
+            b_q = tl.load(p_q + i_g * K + o_k, mask=m_k, other=0).to(tl.float32)
+            b_ok += tl.where(o_g[:, None] == i_g, tl.sum(b_hk * b_q[:, None], 0)[None, :], 0)
+
+    # softmax over the slots; padded slots get -inf, padded query rows are never stored
+    b_ok = tl.where(m_m[None, :], b_ok * scale, float("-inf"))
+    b_p = tl.exp(b_ok - tl.max(b_ok, 1)[:, None])
+    b_p = b_p / tl.sum(b_p, 1)[:, None]  # [BG, BM]
+
+    # pass V: hv' and the readout
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_hv = m_m[:, None] & m_v[None, :]
+    o_hv = i_bh * M * V + o_m[:, None] * V + o_v[None, :]
+    b_hv = tl.zeros([BM, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_hv += tl.load(hv0 + o_hv, mask=m_hv, other=0).to(tl.float32)
+    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0).to(tl.float32)
+    b_hv = b_hv * b_a[:, None] + b_s[:, None] * b_v[None, :]  # [BM, BV]
+    tl.store(hv + o_hv, b_hv, mask=m_hv)
+    p_o = o + (i_b * HQ + i_h * G).to(tl.int64) * V + o_v
+    for i_g in tl.static_range(G):
+        b_pg = tl.sum(tl.where(o_g[:, None] == i_g, b_p, 0), 0)  # [BM]
+        tl.store(p_o + i_g * V, tl.sum(b_pg[:, None] * b_hv, 0).to(o.dtype.element_ty), mask=m_v)
+
+
+def _decode_triton(q, k, v, s, g, scale, hk, hv):
+    B, _, HQ, K = q.shape
+    H, M, V = k.shape[2], s.shape[-1], v.shape[-1]
+    G = HQ // H
+    BM = next_pow2(M)
+    # Keep each state tile near 4K fp32 values: wide slot counts get narrower K/V tiles.
+    cap = max(16, min(64, 4096 // BM))
+    BK, BV = min(next_pow2(K), cap), min(next_pow2(V), cap)
+    o = torch.empty(B, 1, HQ, V, dtype=v.dtype, device=q.device)
+    hk_new = torch.empty(B, H, K, M, dtype=torch.float32, device=q.device)
+    hv_new = torch.empty(B, H, M, V, dtype=torch.float32, device=q.device)
+    fused_gsa_decode_kernel[(triton.cdiv(V, BV), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), o,
+        hk.contiguous() if hk is not None else None, hv.contiguous() if hv is not None else None,
+        hk_new, hv_new, scale,
+        H=H, G=G, K=K, M=M, V=V, BG=triton.next_power_of_2(G), BK=BK, BM=BM, BV=BV,
+        USE_INITIAL_STATE=hk is not None, num_warps=4 if BM * max(BK, BV) > 2048 else 2,
+    )
+    return o, (hk_new, hv_new)
+
+
+def _decode_torch(q, k, v, s, g, scale, hk, hv):
+    B, _, HQ, K = q.shape
+    H, M, V = k.shape[2], s.shape[-1], v.shape[-1]
+    dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
+    q, k, v, s, g = (x[:, 0].to(dtype) for x in (q, k, v, s, g))
+    a = g.exp()  # [B, H, M]
+    hk = hk.to(dtype) if hk is not None else q.new_zeros(B, H, K, M)
+    hv = hv.to(dtype) if hv is not None else q.new_zeros(B, H, M, V)
+    hk = hk * a[:, :, None, :] + k[..., :, None] * s[..., None, :]
+    hv = hv * a[..., :, None] + s[..., :, None] * v[..., None, :]
+    p = (torch.einsum("bhgk,bhkm->bhgm", q.view(B, H, HQ // H, K), hk) * scale).softmax(-1)
+    o = torch.einsum("bhgm,bhmv->bhgv", p, hv).reshape(B, 1, HQ, V)
+    return o.to(out_dtype), (hk.float(), hv.float())
+
+
+def fused_gsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    hk: torch.Tensor | None = None,
+    hv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    r"""One decoding step of Gated Slot Attention, fused into a single kernel (no autograd).
+
+    Per key/value head, with ``a = exp(g)``::
+
+        hk' = hk Diag(a) + k s^T,    p = softmax(scale * hk'^T q),    hv' = Diag(a) hv + s v^T,    o = hv'^T p
+
+    No host synchronization, so the call can be captured in a CUDA graph. ``hk`` / ``hv`` are read,
+    never written: the updated states are new tensors.
+
+    Args:
+        q: queries ``[B, 1, HQ, K]``; ``HQ`` a multiple of ``H`` (GQA).
+        k: keys ``[B, 1, H, K]``.
+        v: values ``[B, 1, H, V]``.
+        s: slot write weights ``[B, 1, H, M]``.
+        g: log forget gates of the slots ``[B, 1, H, M]`` (``<= 0``).
+        scale: factor on the slot logits, default ``K ** -0.5``.
+        hk: key-side state ``[B, H, K, M]`` (float32), or None for zeros (the first token).
+        hv: value-side state ``[B, H, M, V]`` (float32), or None for zeros. Give both states or neither.
+
+    Returns:
+        ``(o, (hk', hv'))``: ``o`` ``[B, 1, HQ, V]`` in ``v.dtype``; the new states ``[B, H, K, M]`` and
+        ``[B, H, M, V]``, float32.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from fla_gsa.ops.gsa.decode import fused_gsa_decode
+        >>> B, HQ, H, K, V, M = 2, 4, 2, 16, 32, 20
+        >>> state = (None, None)
+        >>> for _ in range(3):
+        ...     q, k = torch.randn(B, 1, HQ, K), torch.randn(B, 1, H, K)
+        ...     v, g = torch.randn(B, 1, H, V), F.logsigmoid(torch.randn(B, 1, H, M))
+        ...     o, state = fused_gsa_decode(q, k, v, 1 - g.exp(), g, hk=state[0], hv=state[1])
+        >>> o.shape, state[0].shape, state[1].shape
+        (torch.Size([2, 1, 4, 32]), torch.Size([2, 2, 16, 20]), torch.Size([2, 2, 20, 32]))
+    """
+    B, T, HQ, H, K, V = check_qkv(q, k, v)
+    if T != 1:
+        raise ValueError(f"fused_gsa_decode takes one token: q must have shape [B, 1, HQ, K], got {tuple(q.shape)}")
+    check_tensor(s, "s", 4, "[B, 1, H, M]")
+    M = s.shape[3]
+    check_gate(s, "s", (B, 1, H, M), "[B, 1, H, M]")
+    check_tensor(g, "g", 4, "[B, 1, H, M]")
+    check_gate(g, "g", (B, 1, H, M), "[B, 1, H, M]")
+    if (hk is None) != (hv is None):
+        raise ValueError(f"hk and hv must be given together (or both None), got hk={'None' if hk is None else 'a tensor'}, "
+                         f"hv={'None' if hv is None else 'a tensor'}")
+    check_state(hk, "hk", (B, H, K, M), "[B, H, K, M]")
+    check_state(hv, "hv", (B, H, M, V), "[B, H, M, V]")
+    check_same_device({"q": q, "s": s, "g": g, "hk": hk, "hv": hv})
+    scale = resolve_scale(scale, K)
+    with torch.no_grad():
+        if use_triton(q):
+            return _decode_triton(q, k, v, s, g, scale, hk, hv)
+        return _decode_torch(q, k, v, s, g, scale, hk, hv)

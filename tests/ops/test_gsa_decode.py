@@ -17,9 +17,9 @@ def reference_step(q, k, v, s, g, scale, hk, hv):
     B, HQ, K = q.shape
     H, M, V = k.shape[1], s.shape[-1], v.shape[-1]
     G = HQ // H
-    hk = torch.zeros(B, H, K, M, dtype=torch.float64) if hk is None else hk.double().clone()
-    hv = torch.zeros(B, H, M, V, dtype=torch.float64) if hv is None else hv.double().clone()
-    o = torch.zeros(B, 1, HQ, V, dtype=torch.float64)
+    hk = q.new_zeros(B, H, K, M) if hk is None else hk.double().clone()
+    hv = q.new_zeros(B, H, M, V) if hv is None else hv.double().clone()
+    o = q.new_zeros(B, 1, HQ, V)
     for b in range(B):
         for h in range(H):
             a = g[b, h].exp()

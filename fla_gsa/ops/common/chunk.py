@@ -11,10 +11,16 @@ The Triton path composes the steps of the chunked algorithm (one file each):
     backward: dh = chunk_bwd_dh(q, do)                        states' gradients at chunk ends
               dA = chunk_scores(do, v, Gv)
               dv = upper(k, dh, do, A)     dq = lower(do, h^T, k, dA)     dk = upper(v, dh^T, q, dA)
-              dgk = revcumsum(q ⊙ dq - k ⊙ dk) + <S_T, dS_T>_V     dgv = revcumsum(o ⊙ do - v ⊙ dv) + <S_T, dS_T>_K
+              dgk = revcumsum(q ⊙ dq' - k ⊙ dk') + <S_T^-, dS_T>_V    dgv = revcumsum(o' ⊙ do - v ⊙ dv') + <S_T^-, dS_T>_K
 
-The gate gradients follow from ``G`` entering only through ``q e^{G}``, ``k e^{-G}`` (and ``o``, ``v`` for
-the value side) and the final state, so no kernel of their own is needed.
+Gate gradients. ``G`` enters only through ``q e^{G}``, ``k e^{-G}`` (``o``, ``v`` for the value side) and
+the final state, so ``dg_t`` is a reverse cumsum of ``q ⊙ dq - k ⊙ dk``: no kernel of its own. Read as a
+sum over pairs (i, j) of the terms of the recurrence, that cumsum leaves exactly the pairs with
+``j < t <= i``; every other pair enters twice and cancels. The pairs of weight ``e^0 = 1`` — the diagonal
+``i == j`` and (final state, last step) — are O(1) while, with strong gates, the true ``dg`` is tiny
+(~e^{-20} for g = -20), so their cancellation in fp32 would leave pure rounding noise. They are therefore
+left out of both sides: the kernels also emit ``dq'``, ``dk'``, ``dv'``, ``o'`` without them, and the
+scan emits ``S_T^-`` (the final state without ``k_T v_T^T``). Every remaining term has its true size.
 
 CPU tensors run the PyTorch version of the same algorithm in ``chunk_torch.py``.
 """
@@ -39,14 +45,23 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype):
+def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
+              gate_grads=False):
+    """Forward; with ``gate_grads`` also ``o'`` (o without the diagonal, if there is a value-side gate)
+    and ``S_T^-`` (if the final state is returned), which the gate gradients need."""
     cdt = compute_dtype(k, v, q)
     Gk = cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens) if gk is not None else None
     Gv = cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens) if gv is not None else None
-    h, ht = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt)
+    h, ht, ht_minus = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt,
+                                  final_state_minus=gate_grads and output_final_state)
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
-    o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt)
-    return Gk, Gv, h, A, o, ht
+    o_nd = None
+    if gate_grads and gv is not None:
+        o, o_nd = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt,
+                                    no_diag=True)
+    else:
+        o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt)
+    return Gk, Gv, h, A, o, o_nd, ht, ht_minus
 
 
 def _add_final_state_term(dg, term, cu_seqlens):
@@ -57,8 +72,8 @@ def _add_final_state_term(dg, term, cu_seqlens):
 
 
 def _gate_grad(a, da, b, db, ht, dht, reduce_dim, cu_seqlens):
-    """``revcumsum(sum_group a ⊙ da - b ⊙ db) + <S_T, dS_T>`` for one gate; ``a``/``da`` have the
-    query heads, ``b``/``db`` the key/value heads."""
+    """``revcumsum(sum_group a ⊙ da - b ⊙ db) + <S_T^-, dS_T>`` for one gate; ``a``/``da`` have the
+    query heads, ``b``/``db`` the key/value heads; ``da``/``db`` without the weight-1 pairs."""
     B, T, H, D = b.shape
     x = (a.float() * da.float()).view(B, T, H, -1, D).sum(3) - b.float() * db.float()
     dg = cumsum_fwd(x, None, reverse=True, cu_seqlens=cu_seqlens)
@@ -67,21 +82,28 @@ def _gate_grad(a, da, b, db, ht, dht, reduce_dim, cu_seqlens):
     return dg
 
 
-def chunk_bwd(q, k, v, Gk, Gv, h, A, o, do, dht, ht, scale, initial_state, cu_seqlens, chunk_size,
+def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, ht_minus, scale, initial_state, cu_seqlens, chunk_size,
               need_dgk, need_dgv):
     H = k.shape[2]
     cdt = compute_dtype(k, v, q)
     if h is None:  # recompute the chunk-boundary states instead of having kept them
-        h, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
+        h, _, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
     dh, dh0 = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H, initial_state is not None,
                            cdt, cdt)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
     f32 = torch.float32
-    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, f32, cdt)
-    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, f32, cdt, transpose_m=True)
-    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, f32, cdt, transpose_m=True)
-    dgk = _gate_grad(q, dq, k, dk, ht, dht, -1, cu_seqlens) if need_dgk else None
-    dgv = _gate_grad(o, do, v, dv, ht, dht, -2, cu_seqlens) if need_dgv else None
+    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, f32, cdt, no_diag=need_dgv)
+    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, f32, cdt, transpose_m=True,
+                           no_diag=need_dgk)
+    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, f32, cdt, transpose_m=True,
+                           no_diag=need_dgk)
+    dgk = dgv = None
+    if need_dgk:
+        (dq, dq_nd), (dk, dk_nd) = dq, dk
+        dgk = _gate_grad(q, dq_nd, k, dk_nd, ht_minus, dht, -1, cu_seqlens)
+    if need_dgv:
+        dv, dv_nd = dv
+        dgv = _gate_grad(o_nd, do, v, dv_nd, ht_minus, dht, -2, cu_seqlens)
     return dq, dk, dv, dgk, dgv, dh0
 
 
@@ -93,21 +115,22 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         gk = gk.contiguous() if gk is not None else None
         gv = gv.contiguous() if gv is not None else None
         h0 = initial_state.contiguous() if initial_state is not None else None
-        Gk, Gv, h, A, o, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                        chunk_size, output_dtype)
+        need_dgk = gk is not None and ctx.needs_input_grad[3]
+        need_dgv = gv is not None and ctx.needs_input_grad[4]
+        Gk, Gv, h, A, o, o_nd, ht, ht_minus = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
+                                                        chunk_size, output_dtype, need_dgk or need_dgv)
         keep_h = checkpoint_level == 0
-        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o if gv is not None else None, ht, h0,
-                              cu_seqlens)
-        ctx.meta = (scale, chunk_size, gk is not None and gk.requires_grad, gv is not None and gv.requires_grad,
+        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, ht_minus, h0, cu_seqlens)
+        ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
                     [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)])
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, Gk, Gv, h, A, o, ht, h0, cu_seqlens = ctx.saved_tensors
+        q, k, v, Gk, Gv, h, A, o_nd, ht_minus, h0, cu_seqlens = ctx.saved_tensors
         scale, chunk_size, need_dgk, need_dgv, dtypes = ctx.meta
         dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
-            q, k, v, Gk, Gv, h, A, o, do.contiguous(), dht.contiguous() if dht is not None else None, ht,
+            q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None, ht_minus,
             scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv)
         grads = [g.to(dt) if g is not None else None for g, dt in zip((dq, dk, dv, dgk, dgv, dh0), dtypes)]
         dq, dk, dv, dgk, dgv, dh0 = grads

@@ -27,6 +27,7 @@ exponent. Without ``Gy`` a chunk is one product.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -58,11 +59,11 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 
 @triton.jit
 def chunk_apply_lower_kernel(
-    p, gp, hm, x, gy, A, y, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
-    USE_GP: tl.constexpr, USE_GY: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr,
+    USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -105,23 +106,28 @@ def chunk_apply_lower_kernel(
             b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
             b_xj = load_row(x, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
             b_gj = load_row(gy, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
-            m_e = m_i[:, None] & (o_i[:, None] >= j)
+            m_e = m_i[:, None] & (o_i[:, None] > j)
             b_y += b_aj[:, None] * b_xj[None, :] * tl.exp(tl.where(m_e, b_gy - b_gj[None, :], float("-inf")))
     else:
-        m_j = (o_j < T)[None, :] & (o_j[None, :] <= o_i[:, None])
+        m_j = (o_j < T)[None, :] & (o_j[None, :] < o_i[:, None])
         b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_j, other=0)  # [BC, BT]
         b_x = load_tile(x, bos, o_j, o_j < T, i_h, H, DY, o_y, m_y)
         b_y += tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
-    store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    # The diagonal (j == i, gate ratio 1) separately: the gate gradients need Y without it (see chunk.py).
+    b_aii = tl.load(p_row + (o_i - t0), mask=m_i, other=0)  # [BC]
+    b_xi = load_tile(x, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)
+    if STORE_ND:
+        store_tile(y_nd, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    store_tile(y, b_y + b_aii[:, None] * b_xi, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
 
 
 @triton.jit
 def chunk_apply_upper_kernel(
-    p, gp, hm, x, gy, A, y, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
-    USE_GP: tl.constexpr, USE_GY: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr,
+    USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -142,12 +148,14 @@ def chunk_apply_upper_kernel(
     o_i = t0 + tl.arange(0, BT)
 
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
-    b_y = scale * _state_product(p, gp, p_m, bos, o_j, m_j, i_h, H, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
+    b_s = scale * _state_product(p, gp, p_m, bos, o_j, m_j, i_h, H, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, True, last, DT, PREC)
+    b_y = tl.zeros([BC, BY], dtype=tl.float32)
+    b_diag = tl.zeros([BC, BY], dtype=tl.float32)
     if USE_GY:
         b_gy = load_tile(gy, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gl = load_row(gy, bos, last, i_h, H, DY, o_y, m_y).to(tl.float32)
-        b_y = b_y * tl.where(m_j[:, None], tl.exp(b_gl[None, :] - b_gy), 0)
+        b_s = b_s * tl.where(m_j[:, None], tl.exp(b_gl[None, :] - b_gy), 0)
         # reference: the block's last row; rows i of later blocks see e^{Gy_i - Gy_ref} e^{Gy_ref - Gy_j}
         ref = tl.minimum(r0 + BC, T) - 1
         b_gr = load_row(gy, bos, ref, i_h, H, DY, o_y, m_y).to(tl.float32)
@@ -169,23 +177,32 @@ def chunk_apply_upper_kernel(
                 b_ai = tl.load(A + ((bos + ic) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_ai, other=0)
                 b_xi = load_row(x, bos, ic, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
                 b_gi = load_row(gy, bos, ic, i_h, H, DY, o_y, m_y).to(tl.float32)
-                m_e = m_j[:, None] & (o_j[:, None] <= ic)
+                m_e = m_j[:, None] & (o_j[:, None] < ic)
                 b_y += b_ai[:, None] * b_xi[None, :] * tl.exp(tl.where(m_e, b_gi[None, :] - b_gy, float("-inf")))
+            b_ajj = tl.load(A + ((bos + o_j) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_j, other=0)
+            b_diag += b_ajj[:, None] * load_tile(x, bos, o_j, m_j, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
         b_y += b_acc * tl.where(m_j[:, None], tl.exp(b_gr[None, :] - b_gy), 0)
     else:
         m_i = o_i < T
-        m_a = m_i[:, None] & m_j[None, :] & (o_i[:, None] >= o_j[None, :])
+        m_a = m_i[:, None] & m_j[None, :] & (o_i[:, None] > o_j[None, :])
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
             p_col = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT
             b_a = tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)  # [BT, BC]
             b_x = load_tile(x, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
             b_y += tl.dot(tl.trans(b_a.to(DT)), b_x.to(DT), input_precision=PREC)
-    store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+            b_ajj = tl.load(p_col + (o_i - t0), mask=m_i, other=0)  # here rows i are rows j
+            b_diag += b_ajj[:, None] * b_x.to(tl.float32)
+    if STORE_ND:
+        # Without the two weight-1 pairs: the diagonal, and the last step of a sequence with the final
+        # state's gradient (its term in the state product).
+        b_snd = tl.where((o_j == T - 1)[:, None], 0, b_s)
+        store_tile(y_nd, b_y + b_snd, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+    store_tile(y, b_y + b_s + b_diag, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
 
 
 def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
-           compute_dtype):
+           compute_dtype, no_diag):
     B, T, _, DP = p.shape
     DY = x.shape[-1]
     HQ = A.shape[2]
@@ -196,28 +213,32 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     # m is [NT, H, K, V]; lower/upper read it as [DP, DY] through strides
     S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
     y = p.new_empty(B, T, heads, DY, dtype=out_dtype)
+    y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
     BP, BY = min(64, next_pow2(DP)), min(64, next_pow2(DY))
     grid = (triton.cdiv(DY, BY), NT * (BT // BC), B * heads)
     kernel[grid](
-        p, gp, m, x, gy, A, y, cu_seqlens, indices, scale, T,
+        p, gp, m, x, gy, A, y, y_nd, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
-        USE_GP=gp is not None, USE_GY=gy is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
     )
-    return y
+    return (y, y_nd) if no_diag else y
 
 
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False):
+                      transpose_m=False, no_diag=False):
     """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
-    ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``."""
-    return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
-                  chunk_size, out_dtype, compute_dtype)
+    ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
+    ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32)."""
+    return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag)
 
 
 def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False):
+                      transpose_m=False, no_diag=False):
     """Upper apply: ``y [B, T, H, DY]`` from ``p [B, T, H, DP]``, state gradients ``m [NT, H, ., .]``,
-    ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``."""
-    return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
-                  chunk_size, out_dtype, compute_dtype)
+    ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
+    ``no_diag``: also return ``y`` without the ``i == j`` terms and without the final-state term of each
+    sequence's last row (fp32)."""
+    return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag)

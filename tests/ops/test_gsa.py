@@ -1,0 +1,202 @@
+"""GSA and ABC ops (chunk, fused recurrent, one-token decode) against the float64 step-by-step reference.
+
+Each case checks the output, both final states and the gradients of q, k, v, s, g and both initial
+states, with gradients flowing into the final states too. Cases marked ``triton`` also run the Triton
+kernels (under ``TRITON_INTERPRET=1`` on CPU, or on a GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, assert_rel, log_gates
+
+from fla_gsa.ops import chunk_abc, chunk_gsa, fused_recurrent_abc, fused_recurrent_gsa, naive_recurrent_gsa
+
+TOL = 1e-4
+OPS = {"chunk": chunk_gsa, "recurrent": fused_recurrent_gsa}
+
+
+def make_inputs(B, T, HQ, H, K, V, M, tau=1.0, abc=False, N=None, h0=True, dtype=torch.float32):
+    N = B if N is None else N
+    g = None if abc else log_gates(B, T, H, M, tau=tau, dtype=dtype)
+    # s is an independent input of the op (the layer ties it to g as 1 - exp(g))
+    s = torch.randn(B, T, H, M, dtype=dtype, device=DEVICE) if abc else torch.rand(B, T, H, M, dtype=dtype, device=DEVICE)
+    x = dict(
+        q=torch.randn(B, T, HQ, K, dtype=dtype, device=DEVICE),
+        k=torch.randn(B, T, H, K, dtype=dtype, device=DEVICE),
+        v=torch.randn(B, T, H, V, dtype=dtype, device=DEVICE),
+        s=s, g=g,
+        hk0=torch.randn(N, H, K, M, device=DEVICE) if h0 else None,
+        hv0=torch.randn(N, H, M, V, device=DEVICE) if h0 else None,
+    )
+    return {n: t.requires_grad_() if t is not None else None for n, t in x.items()}
+
+
+def run(fn, x, do, dhk, dhv, **kw):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
+    get = leaves.get
+    h0 = (get("hk0"), get("hv0")) if "hk0" in leaves else None
+    o, (hk, hv) = fn(get("q"), get("k"), get("v"), get("s"), get("g"), initial_state=h0, output_final_state=True,
+                     **kw)
+    ((o.to(do.dtype) * do).sum() + (hk * dhk).sum() + (hv * dhv).sum()).backward()
+    return o, hk, hv, {n: t.grad for n, t in leaves.items()}
+
+
+def check(fn, x, tol=TOL, cu_seqlens=None, **kw):
+    B, T, HQ, K = x["q"].shape
+    H, V, M = x["k"].shape[2], x["v"].shape[-1], x["s"].shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    do = torch.randn(B, T, HQ, V, device=DEVICE)
+    dhk, dhv = torch.randn(N, H, K, M, device=DEVICE), torch.randn(N, H, M, V, device=DEVICE)
+    o, hk, hv, grads = run(fn, x, do, dhk, dhv, cu_seqlens=cu_seqlens, **kw)
+    ref = {n: t.detach().double() if t is not None else None for n, t in x.items()}
+    ro, rhk, rhv, rgrads = run(naive_recurrent_gsa, ref, do.double(), dhk.double(), dhv.double(),
+                               cu_seqlens=cu_seqlens)
+    assert o.dtype == x["v"].dtype and hk.dtype == hv.dtype == torch.float32
+    assert_rel("o", o, ro, tol)
+    assert_rel("hk", hk, rhk, tol)
+    assert_rel("hv", hv, rhv, tol)
+    for n, r in rgrads.items():
+        assert_rel(f"d{n}", grads[n], r, tol)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("chunk", marks=pytest.mark.triton),
+                                  pytest.param("recurrent", marks=pytest.mark.triton)])
+def test_gqa_odd_sizes(mode):
+    # HQ = 2 H, T not a multiple of the chunk, K/V/M not powers of two (M = 20)
+    check(OPS[mode], make_inputs(2, 45, 4, 2, 24, 20, 20), **({"chunk_size": 16} if mode == "chunk" else {}))
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 16.0])
+def test_gate_strength(mode, tau):
+    check(OPS[mode], make_inputs(1, 150, 2, 2, 32, 32, 16, tau=tau))
+
+
+@pytest.mark.parametrize("mode", [pytest.param("chunk", marks=pytest.mark.triton), "recurrent"])
+def test_abc(mode):
+    # g=None: slot writes normalized by a running softmax over time
+    check(OPS[mode], make_inputs(1, 40, 2, 1, 16, 16, 12, abc=True), **({"chunk_size": 16} if mode == "chunk" else {}))
+
+
+def test_abc_names_and_normalization():
+    x = make_inputs(1, 70, 2, 2, 16, 16, 8, abc=True, h0=False)
+    args = [x[n].detach() for n in ("q", "k", "v", "s")]
+    o1, _ = chunk_abc(*args)
+    o2, _ = chunk_gsa(*args[:4], None)
+    o3, _ = fused_recurrent_abc(*args)
+    assert torch.equal(o1, o2)
+    assert_rel("recurrent vs chunk", o3, o1, 1e-5)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("chunk", marks=pytest.mark.triton), "recurrent"])
+@pytest.mark.parametrize("abc", [False, True])
+def test_varlen(mode, abc):
+    # a length-1 sequence, one initial state per sequence; ABC's normalizer restarts at each sequence
+    cu = torch.tensor([0, 1, 23, 40], dtype=torch.int32, device=DEVICE)
+    check(OPS[mode], make_inputs(1, 40, 2, 1, 16, 12, 10, N=3, abc=abc), cu_seqlens=cu,
+          **({"chunk_size": 16} if mode == "chunk" else {}))
+
+
+@pytest.mark.parametrize("checkpoint_level", [0, 1])
+def test_checkpoint_levels(checkpoint_level):
+    check(chunk_gsa, make_inputs(2, 70, 2, 2, 16, 16, 8), checkpoint_level=checkpoint_level)
+
+
+@pytest.mark.triton
+def test_split_state_carry():
+    # chunk on a prefix, then recurrent from its final state == one chunk pass
+    x = {n: t.detach() if t is not None else None for n, t in make_inputs(2, 37, 2, 1, 16, 16, 8, h0=False).items()}
+    q, k, v, s, g = (x[n] for n in "q k v s g".split())
+    o, (hk, hv) = chunk_gsa(q, k, v, s, g, output_final_state=True, chunk_size=16)
+    t = 21
+    o1, st = chunk_gsa(q[:, :t], k[:, :t], v[:, :t], s[:, :t], g[:, :t], output_final_state=True, chunk_size=16)
+    o2, (hk2, hv2) = fused_recurrent_gsa(q[:, t:], k[:, t:], v[:, t:], s[:, t:], g[:, t:], initial_state=st,
+                                         output_final_state=True)
+    assert_rel("o (split)", torch.cat([o1, o2], 1), o, 1e-5)
+    assert_rel("hk (split)", hk2, hk, 1e-5)
+    assert_rel("hv (split)", hv2, hv, 1e-5)
+
+
+@pytest.mark.triton
+def test_decode_steps_equal_one_pass():
+    # T one-token steps (fused decode kernel: no grad, T == 1) == one chunked pass
+    x = {n: t.detach() if t is not None else None for n, t in make_inputs(2, 12, 4, 2, 16, 24, 20).items()}
+    q, k, v, s, g = (x[n] for n in "q k v s g".split())
+    o, (hk, hv) = chunk_gsa(q, k, v, s, g, initial_state=(x["hk0"], x["hv0"]), output_final_state=True, chunk_size=16)
+    state = (x["hk0"].clone(), x["hv0"].clone())
+    outs = []
+    with torch.no_grad():
+        for t in range(q.shape[1]):
+            prev = tuple(h.clone() for h in state)
+            ot, state = fused_recurrent_gsa(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], s[:, t:t + 1],
+                                            g[:, t:t + 1], initial_state=state, output_final_state=True)
+            outs.append(ot)
+    assert torch.equal(prev[0], x["hk0"]) or t > 0  # states are returned anew, never written in place
+    assert_rel("o (decode)", torch.cat(outs, 1), o, 1e-5)
+    assert_rel("hk (decode)", state[0], hk, 1e-5)
+    assert_rel("hv (decode)", state[1], hv, 1e-5)
+
+
+@pytest.mark.triton
+def test_decode_never_writes_caller_state():
+    x = {n: t.detach() if t is not None else None for n, t in make_inputs(1, 1, 2, 2, 16, 16, 8).items()}
+    hk0, hv0 = x["hk0"].clone(), x["hv0"].clone()
+    with torch.no_grad():
+        _, (hk, hv) = fused_recurrent_gsa(x["q"], x["k"], x["v"], x["s"], x["g"], initial_state=(x["hk0"], x["hv0"]),
+                                          output_final_state=True)
+    assert torch.equal(x["hk0"], hk0) and torch.equal(x["hv0"], hv0)
+    assert hk.data_ptr() != x["hk0"].data_ptr() and hv.data_ptr() != x["hv0"].data_ptr()
+
+
+def test_inputs_not_modified():
+    x = make_inputs(1, 33, 2, 2, 16, 16, 8)
+    before = {n: t.detach().clone() for n, t in x.items()}
+    check(chunk_gsa, x)
+    for n, t in x.items():
+        assert torch.equal(t.detach(), before[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    x = make_inputs(2, 64, 2, 2, 32, 32, 16, dtype=dtype)
+    ref = {n: t.detach().float() if t is not None else None for n, t in x.items()}
+    o, _ = chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"], initial_state=(x["hk0"], x["hv0"]))
+    ro, _ = chunk_gsa(ref["q"], ref["k"], ref["v"], ref["s"], ref["g"], initial_state=(ref["hk0"], ref["hv0"]))
+    assert o.dtype == dtype
+    assert_rel("o (half vs fp32)", o, ro, 1e-2)
+
+
+def _args(**over):
+    x = {n: t.detach() if t is not None else None for n, t in make_inputs(2, 10, 4, 2, 8, 8, 4).items()}
+    a = dict(q=x["q"], k=x["k"], v=x["v"], s=x["s"], g=x["g"])
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(q=torch.randn(2, 10, 4)), ValueError, r"q must have 4 dimensions"),
+    (dict(q=torch.randn(2, 10, 3, 8)), ValueError, r"multiple of the number of key/value heads"),
+    (dict(k=torch.randn(2, 11, 2, 8)), ValueError, r"k must have shape"),
+    (dict(v=torch.randn(2, 10, 3, 8)), ValueError, r"v must have shape"),
+    (dict(s=torch.randn(2, 10, 2)), ValueError, r"s must have 4 dimensions"),
+    (dict(g=torch.randn(2, 10, 2, 5)), ValueError, r"g must have shape \[B, T, H, M\]"),
+    (dict(s=torch.ones(2, 10, 2, 4, dtype=torch.int64)), TypeError, r"s must be a floating-point tensor"),
+    (dict(initial_state=torch.zeros(2, 2, 8, 4)), TypeError, r"initial_state must be a pair"),
+    (dict(initial_state=(torch.zeros(2, 2, 8, 5), torch.zeros(2, 2, 4, 8))), ValueError, r"initial_state\[0\] \(hk\)"),
+    (dict(initial_state=(torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 4, 9))), ValueError, r"initial_state\[1\] \(hv\)"),
+    (dict(cu_seqlens=torch.tensor([0, 10])), ValueError, r"batch size must be 1"),
+])
+@pytest.mark.parametrize("fn", [chunk_gsa, fused_recurrent_gsa])
+def test_input_checks(fn, bad, err, match):
+    with pytest.raises(err, match=match):
+        fn(**_args(**bad))
+
+
+@pytest.mark.parametrize("cu, match", [
+    ([0, 5, 5, 10], "strictly increasing"), ([1, 10], "start at 0"), ([0, 9], "end at T"),
+])
+def test_cu_seqlens_checks(cu, match):
+    a = {n: t[:1] for n, t in _args().items()}
+    with pytest.raises(ValueError, match=match):
+        chunk_gsa(**a, cu_seqlens=torch.tensor(cu, device=DEVICE))

@@ -23,7 +23,9 @@ class RecurrentLayer(nn.Module):
     convolutions, ``self.convs`` (a ModuleList applied to the tensors :meth:`project` returns first).
     """
 
-    convs: nn.ModuleList | None = None
+    def __init__(self):
+        super().__init__()
+        self.convs: nn.ModuleList | None = None  # an instance attribute: a class one would hide the module
 
     def make_convs(self, sizes, conv_size: int, conv_bias: bool) -> nn.ModuleList:
         return nn.ModuleList(ShortConvolution(d, kernel_size=conv_size, bias=conv_bias, activation="silu")

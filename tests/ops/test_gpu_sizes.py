@@ -1,0 +1,107 @@
+"""Real sizes on a GPU (skipped without CUDA): bf16 against an fp32 run of the same op, fp32 chunked
+against fp32 recurrent (two independent algorithms), and long inputs with strong gates free of inf/NaN.
+
+Run on a GPU with ``python -m pytest -q tests/ops/test_gpu_sizes.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_rel, rel_err
+
+from fla_gsa.ops import chunk_gla, chunk_gsa, fused_recurrent_gla, fused_recurrent_gsa
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda"
+
+
+def _grads(out, leaves):
+    do = torch.randn_like(out)
+    return torch.autograd.grad(out, leaves, do)
+
+
+def _compare(fn_a, fn_b, leaves, tol, names):
+    """Run two callables on the same leaves (cast inside), compare outputs and all input gradients."""
+    torch.manual_seed(1)
+    oa = fn_a(*leaves)
+    ga = _grads(oa, leaves)
+    torch.manual_seed(1)
+    ob = fn_b(*leaves)
+    gb = _grads(ob, leaves)
+    pairs = [("o", oa, ob)] + [(f"d{n}", a, b) for n, a, b in zip(names, ga, gb)]
+    print(" ".join(f"{n}={rel_err(a, b):.1e}" for n, a, b in pairs))  # shown with pytest -s
+    for n, a, b in pairs:
+        assert_rel(n, a.float(), b.float(), tol)
+
+
+def _leaves(*xs):
+    # bf16-representable fp32 values: the bf16 and fp32 runs then compute the same function, and the
+    # comparison measures the kernels' precision, not the rounding of the inputs (with strong gates a
+    # bf16 rounding of g alone moves exp(G_i - G_j) by percents).
+    return [x.bfloat16().float().requires_grad_() for x in xs]
+
+
+def _gla_inputs(B, T, H, K, V, tau):
+    q, k = (torch.randn(B, T, H, K, device=DEV) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=DEV)
+    g = F.logsigmoid(torch.randn(B, T, H, K, device=DEV)) / tau
+    return _leaves(q, k, v, g)
+
+
+def _gsa_inputs(B, T, H, K, V, M, tau):
+    q, k = (torch.randn(B, T, H, K, device=DEV) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=DEV)
+    g = F.logsigmoid(torch.randn(B, T, H, M, device=DEV)) / tau
+    s = 1 - g.exp()
+    return _leaves(q, k, v, s, g)
+
+
+@pytest.mark.parametrize("tau", [0.1, 16.0])
+def test_gla_bf16_vs_fp32_real_size(tau):
+    # B=4, T=4096, H=4, K=256, V=512 (the issue's shape): bf16 run vs fp32 run < 1e-2
+    x = _gla_inputs(4, 4096, 4, 256, 512, tau)
+    bf = lambda q, k, v, g: chunk_gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16())[0]  # noqa: E731
+    f32 = lambda q, k, v, g: chunk_gla(q, k, v, g)[0]  # noqa: E731
+    _compare(bf, f32, x, 1e-2, "q k v g".split())
+
+
+def test_gla_chunk_vs_recurrent_fp32():
+    x = _gla_inputs(2, 1000, 4, 128, 256, 4.0)
+    h0 = _leaves(torch.randn(2, 4, 128, 256, device=DEV))[0]
+    chunk = lambda q, k, v, g, h: chunk_gla(q, k, v, g, initial_state=h)[0]  # noqa: E731
+    rec = lambda q, k, v, g, h: fused_recurrent_gla(q, k, v, gk=g, initial_state=h)[0]  # noqa: E731
+    _compare(chunk, rec, x + [h0], 1e-4, "q k v g h0".split())
+
+
+def test_gla_long_strong_gates_finite():
+    q, k, v, g = _gla_inputs(1, 65536, 4, 256, 512, 0.1)
+    o, ht = chunk_gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), output_final_state=True)
+    grads = torch.autograd.grad(o, (q, k, v, g), torch.randn_like(o))
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    assert all(torch.isfinite(d).all() for d in grads)
+
+
+@pytest.mark.parametrize("tau", [0.5, 8.0])
+def test_gsa_bf16_vs_fp32_paper_shape(tau):
+    # the paper's 1.3B shape: B=4, T=4096, H=4, K=V=512, M=64
+    x = _gsa_inputs(4, 4096, 4, 512, 512, 64, tau)
+    bf = lambda q, k, v, s, g: chunk_gsa(*(t.bfloat16() for t in (q, k, v, s, g)))[0]  # noqa: E731
+    f32 = lambda q, k, v, s, g: chunk_gsa(q, k, v, s, g)[0]  # noqa: E731
+    _compare(bf, f32, x, 1e-2, "q k v s g".split())
+
+
+def test_gsa_chunk_vs_recurrent_fp32_gqa():
+    q, k, v, s, g = _gsa_inputs(2, 777, 2, 128, 128, 64, 2.0)
+    q = _leaves(torch.randn(2, 777, 8, 128, device=DEV))[0]  # GQA: 8 query heads on 2
+    chunk = lambda q, k, v, s, g: chunk_gsa(q, k, v, s, g)[0]  # noqa: E731
+    rec = lambda q, k, v, s, g: fused_recurrent_gsa(q, k, v, s, g)[0]  # noqa: E731
+    _compare(chunk, rec, [q, k, v, s, g], 1e-4, "q k v s g".split())
+
+
+def test_gsa_long_strong_gates_finite():
+    q, k, v, s, g = _gsa_inputs(1, 65536, 4, 512, 512, 64, 0.5)
+    o, (hk, hv) = chunk_gsa(*(t.bfloat16() for t in (q, k, v, s, g)), output_final_state=True)
+    grads = torch.autograd.grad(o, (q, k, v, s, g), torch.randn_like(o))
+    assert torch.isfinite(o).all() and torch.isfinite(hk).all() and torch.isfinite(hv).all()
+    assert all(torch.isfinite(d).all() for d in grads)

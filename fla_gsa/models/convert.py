@@ -158,6 +158,10 @@ def _source_map(state: dict) -> tuple[dict[str, str], list[str]]:
     return mapping, unused
 
 
+def _has_attention_bias(state: dict) -> bool:
+    return any(k.startswith("model.layers.0.self_attn.") and k.endswith("_proj.bias") for k in state)
+
+
 def convert_from_llama(
     model_or_path,
     num_slots: int = 64,
@@ -202,6 +206,9 @@ def convert_from_llama(
     src_config = source.config
     if layer_types is not None and any(t not in ("gsa", "attention") for t in layer_types):
         raise ValueError(f"layer_types for a conversion must be 'gsa' or 'attention' per layer, got {list(layer_types)}")
+    state = source.state_dict()
+    if _has_attention_bias(state):  # e.g. Qwen2: biased q/k/v whatever the config says
+        config_overrides.setdefault("attention_bias", True)
     config = gsa_config_from_llama(src_config, num_slots, gate_logit_normalizer, layer_types, **config_overrides)
     notes = []
     if "attention" in config.layer_types and _rope_type(src_config) != "default":
@@ -210,7 +217,6 @@ def convert_from_llama(
     if getattr(src_config, "sliding_window", None) and "attention" in config.layer_types:
         notes.append("the source's sliding window is not applied in kept attention layers (full attention)")
 
-    state = source.state_dict()
     mapping, unused = _source_map(state)
     if config.tie_word_embeddings:
         mapping.pop("lm_head.weight", None)
@@ -233,7 +239,7 @@ def convert_from_llama(
             t = state[mapping[name]]
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{mapping[name]} has shape {tuple(t.shape)}, the GSA model expects {tuple(p.shape)} for {name}")
-            new_state[name] = t.to(dtype).clone() if given or t.dtype != dtype else t
+            new_state[name] = t.to(dtype=dtype, copy=given)  # a loaded-here source is moved, not copied
             continue
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from fla_gsa.layers import ABCAttention, Attention, Cache, GatedLinearAttention, GatedSlotAttention
 from fla_gsa.models.configuration import ABCConfig, GLAConfig, GSAConfig, HybridConfig, TransformerConfig
-from fla_gsa.modules import FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
+from fla_gsa.modules import GatedMLP, RMSNorm, fused_linear_cross_entropy
 
 try:  # transformers >= 4.48
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -185,9 +185,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     ``forward(..., labels [B, T] = None, logits_to_keep = 0, return_logits = None)``: with ``labels``
     (next-token targets are ``labels`` shifted left by one inside; ``-100`` ignored) the loss comes from
-    :class:`fla_gsa.modules.FusedLinearCrossEntropyLoss` on the hidden states and no logits are formed
+    :func:`fla_gsa.modules.fused_linear_cross_entropy` (the function behind
+    ``FusedLinearCrossEntropyLoss``) on the hidden states and no logits are formed
     unless ``return_logits=True`` (or ``config.fuse_linear_cross_entropy`` is False). Without labels the
-    logits of the last ``logits_to_keep`` positions (0: all) are returned.
+    logits of the last ``logits_to_keep`` positions (0: all) are returned. ``num_items_in_batch`` (passed
+    by the Trainer under gradient accumulation) makes the loss a sum over tokens divided by it.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -197,7 +199,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.loss_fn = FusedLinearCrossEntropyLoss()
         self.post_init()
 
     base_model_class = HybridModel
@@ -235,6 +236,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
@@ -245,15 +247,20 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != hidden_states.shape[:2]:
                 raise ValueError(f"labels must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
-            ignore = self.loss_fn.ignore_index
+            ignore = -100
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1)
             targets = targets.to(hidden_states.device)
+            reduction = "mean" if num_items_in_batch is None else "sum"
             if fused:
-                loss = self.loss_fn(hidden_states.reshape(-1, hidden_states.shape[-1]), self.lm_head.weight,
-                                    targets.reshape(-1), self.lm_head.bias)
+                loss = fused_linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]),
+                                                  self.lm_head.weight, targets.reshape(-1), self.lm_head.bias,
+                                                  ignore_index=ignore, reduction=reduction)
             else:
                 logits = self.lm_head(hidden_states)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore,
+                                       reduction=reduction)
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         if logits is None and (labels is None or return_logits):
             if isinstance(logits_to_keep, int):
                 kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states

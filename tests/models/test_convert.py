@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 from conftest import assert_rel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from fla_gsa.models import GSAForCausalLM, convert_from_llama
 from fla_gsa.models.convert import gate_bias_init
@@ -98,16 +99,18 @@ def test_converted_model_runs_and_generates():
     assert gsa.model.layers[0].attn.f_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("source", ["llama", "mistral"])
+@pytest.mark.parametrize("source", ["llama", "mistral", "qwen2"])
 def test_all_attention_conversion_reproduces_the_source(source):
     """Keeping every layer as softmax attention must give the source model back: this checks the name
     mapping, the norms, GQA, head_dim, RoPE (convention and theta) and the MLP in one go."""
     if source == "llama":
         llama = tiny_llama(rope_theta=50000.0)
-    else:
+    elif source == "mistral":
         llama = tiny_llama(cls=MistralForCausalLM, cfg_cls=MistralConfig, sliding_window=None)
+    else:  # biases on q/k/v but not on o: o_proj gets a new zero bias
+        llama = tiny_llama(cls=Qwen2ForCausalLM, cfg_cls=Qwen2Config)
     gsa, report = convert_from_llama(llama, num_slots=8, layer_types=["attention"] * 3, return_report=True)
-    assert report.new == []
+    assert report.new == ([f"model.layers.{i}.attn.o_proj.bias" for i in range(3)] if source == "qwen2" else [])
     x = torch.randint(3, 101, (2, 19))
     mask = torch.ones_like(x)
     mask[1, :6] = 0

@@ -187,8 +187,12 @@ def test_loss_equals_cross_entropy_on_logits():
         assert_rel(f"grad {n}", fused[n], p.grad, 1e-4)
     both = model(x, labels=labels, return_logits=True)
     assert_rel("logits on request", both.logits, logits, 1e-6)
+    n = int((labels[:, 1:] != -100).sum())
+    summed = model(x, labels=labels, num_items_in_batch=2 * n).loss  # the Trainer's token count
+    assert_rel("loss / num_items_in_batch", summed, ref / 2, 1e-5)
     model.config.fuse_linear_cross_entropy = False
     assert_rel("unfused loss", model(x, labels=labels).loss, ref, 1e-6)
+    assert_rel("unfused, num_items_in_batch", model(x, labels=labels, num_items_in_batch=2 * n).loss, ref / 2, 1e-6)
 
 
 def test_logits_to_keep_and_tuple_output():

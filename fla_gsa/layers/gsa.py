@@ -35,7 +35,8 @@ class GatedSlotAttention(RecurrentLayer):
         norm_eps: epsilon of the output RMSNorm.
         mode: ``"chunk"`` (training, prefill) or ``"fused_recurrent"``; a single token always takes the
             fused recurrent step.
-        scale: factor on the slot logits; default ``head_dim ** -0.5``.
+        scale: factor on the slot logits ``K̃_t q_t``; default 1, as in the paper's formula and
+            flash-linear-attention's layer (``None``: ``head_dim ** -0.5``).
         attention_bias: biases on ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``.
         gate_bias: a bias on ``f_proj`` (set by the Llama conversion to place the initial gates).
         use_short_conv: causal depthwise convolutions (with SiLU) on ``q``, ``k``, ``v`` before the
@@ -65,7 +66,7 @@ class GatedSlotAttention(RecurrentLayer):
         gate_logit_normalizer: float = 8.0,
         norm_eps: float = 1e-6,
         mode: str = "chunk",
-        scale: float | None = None,
+        scale: float | None = 1.0,
         attention_bias: bool = False,
         gate_bias: bool = False,
         use_short_conv: bool = False,

@@ -47,6 +47,8 @@ class HybridConfig(PretrainedConfig):
         gate_low_rank_dim: rank of GLA's forget-gate projection.
         gate_bias: give GSA's slot-gate projection ``f_proj`` a bias (converted checkpoints use it to
             place the initial forget gates).
+        attn_scale: factor on the query-key logits of every token mixer; None for each kind's default
+            (GSA 1, as in the paper; GLA, ABC and attention ``head_dim ** -0.5``).
         attention_bias: biases on the q/k/v/o projections of every token mixer (Llama's
             ``attention_bias``).
         mlp_bias: biases on the MLP projections.
@@ -88,6 +90,7 @@ class HybridConfig(PretrainedConfig):
         gate_logit_normalizer: float | None = None,
         gate_low_rank_dim: int = 16,
         gate_bias: bool = False,
+        attn_scale: float | None = None,
         attention_bias: bool = False,
         mlp_bias: bool = False,
         use_short_conv: bool = False,
@@ -121,6 +124,7 @@ class HybridConfig(PretrainedConfig):
         self.gate_logit_normalizer = gate_logit_normalizer
         self.gate_low_rank_dim = gate_low_rank_dim
         self.gate_bias = gate_bias
+        self.attn_scale = attn_scale
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
         self.use_short_conv = use_short_conv

@@ -21,6 +21,9 @@ and each GSA layer gains two new parameters:
   steps predictable, and finetuning makes the gates data-dependent.
 - ``attn.g_norm.weight`` (the RMSNorm on the output of each head): ones.
 
+GSA layers read their slots with the attention scale ``head_dim ** -0.5`` (``attn_scale``), not the
+scale 1 of a GSA layer trained from scratch, so the pretrained queries and keys keep their calibration.
+
 Layers may stay softmax attention (``layer_types`` with ``"attention"`` entries) for a hybrid; their
 weights map the same way and they add nothing new. GSA layers have no positional encoding: the source's
 RoPE is dropped there (its order information comes from the recurrence).
@@ -93,6 +96,7 @@ def gsa_config_from_llama(src_config, num_slots: int = 64, gate_logit_normalizer
         num_slots=num_slots,
         gate_logit_normalizer=gate_logit_normalizer,
         gate_bias=True,
+        attn_scale=head_dim ** -0.5,
         attention_bias=bool(getattr(src_config, "attention_bias", False)),
         mlp_bias=bool(getattr(src_config, "mlp_bias", False)),
         intermediate_size=src_config.intermediate_size,

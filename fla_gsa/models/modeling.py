@@ -33,6 +33,8 @@ def build_token_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
     kind = config.layer_types[layer_idx]
     common = dict(hidden_size=config.hidden_size, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                   head_dim=config.head_dim, attention_bias=config.attention_bias, layer_idx=layer_idx)
+    if getattr(config, "attn_scale", None) is not None:
+        common["scale"] = float(config.attn_scale)
     conv = dict(use_short_conv=config.use_short_conv, conv_size=config.conv_size, conv_bias=config.conv_bias,
                 mode=config.attn_mode, norm_eps=config.rms_norm_eps)
     if kind == "gsa":

@@ -158,6 +158,7 @@ def test_gsa_layer_is_the_paper_formula():
     """q, k = swish(W_q x), swish(W_k x); v = silu(W_v x); g = logsigmoid(W_f x)/τ; s = 1 − exp(g);
     y = W_o RMSNorm(silu(o)), with GQA and the float64 reference recurrence."""
     layer = make("gsa", gate_logit_normalizer=4.0)
+    assert layer.scale == 1.0  # the paper's softmax(K̃ q) has no scale
     x = x_of(2, 19)
     with torch.no_grad():
         d = lambda t: t.double()  # noqa: E731
@@ -166,7 +167,7 @@ def test_gsa_layer_is_the_paper_formula():
         k = F.silu(xd @ d(layer.k_proj.weight).T).unflatten(-1, (2, -1))
         v = F.silu(xd @ d(layer.v_proj.weight).T).unflatten(-1, (2, -1))
         g = F.logsigmoid(xd @ d(layer.f_proj.weight).T).unflatten(-1, (2, -1)) / 4.0
-        o, _ = naive_recurrent_gsa(q, k, v, 1 - g.exp(), g)
+        o, _ = naive_recurrent_gsa(q, k, v, 1 - g.exp(), g, scale=1.0)
         o = F.silu(o)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.g_norm.eps) * d(layer.g_norm.weight)
         ref = o.flatten(-2) @ d(layer.o_proj.weight).T

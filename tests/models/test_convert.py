@@ -54,6 +54,7 @@ def check_weights_carried(llama, gsa, report):
         assert torch.equal(attn.g_norm.weight, torch.ones_like(attn.g_norm.weight))
         assert torch.equal(attn.f_proj.weight, torch.zeros_like(attn.f_proj.weight))
         assert attn.num_kv_heads == 2 and attn.head_dim == 16 and attn.num_slots == gsa.config.num_slots
+        assert attn.scale == 16 ** -0.5  # the pretrained queries and keys keep their attention scale
 
 
 @pytest.mark.parametrize("tie,bias", [(False, False), (True, False), (False, True)])

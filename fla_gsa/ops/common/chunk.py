@@ -11,16 +11,23 @@ The Triton path composes the steps of the chunked algorithm (one file each):
     backward: dh = chunk_bwd_dh(q, do)                        states' gradients at chunk ends
               dA = chunk_scores(do, v, Gv)
               dv = upper(k, dh, do, A)     dq = lower(do, h^T, k, dA)     dk = upper(v, dh^T, q, dA)
-              dgk = revcumsum(q ⊙ dq' - k ⊙ dk') + <S_T^-, dS_T>_V    dgv = revcumsum(o' ⊙ do - v ⊙ dv') + <S_T^-, dS_T>_K
+              dg = gate gradients, chunk by chunk (below)
 
-Gate gradients. ``G`` enters only through ``q e^{G}``, ``k e^{-G}`` (``o``, ``v`` for the value side) and
-the final state, so ``dg_t`` is a reverse cumsum of ``q ⊙ dq - k ⊙ dk``: no kernel of its own. Read as a
-sum over pairs (i, j) of the terms of the recurrence, that cumsum leaves exactly the pairs with
-``j < t <= i``; every other pair enters twice and cancels. The pairs of weight ``e^0 = 1`` — the diagonal
-``i == j`` and (final state, last step) — are O(1) while, with strong gates, the true ``dg`` is tiny
-(~e^{-20} for g = -20), so their cancellation in fp32 would leave pure rounding noise. They are therefore
-left out of both sides: the kernels also emit ``dq'``, ``dk'``, ``dv'``, ``o'`` without them, and the
-scan emits ``S_T^-`` (the final state without ``k_T v_T^T``). Every remaining term has its true size.
+Gate gradients. With ``S_t^- = Diag(e^{gk_t}) S_{t-1} Diag(e^{gv_t})`` (the state before step t's write)
+and ``dS_t`` the gradient of ``S_t``, exactly ``dgk_t = sum_v S_t^- ⊙ dS_t`` and ``dgv_t = sum_k S_t^- ⊙ dS_t``:
+a sum over the pairs (i, j), ``j < t <= i``, of a write j and a read i (or the initial / final state). For
+t in chunk n they split into four groups, each computed without cancelling large terms:
+
+    pairs skipping the chunk          <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>          one value per chunk
+    read in chunk, write before it    revcumsum_chunk(q ⊙ dq_state)
+    write in chunk, read after it     exclusive cumsum_chunk(k ⊙ dk_state)
+    both in the chunk                 revcumsum_chunk(q ⊙ dq_offdiag - k ⊙ dk_offdiag)
+
+(value side: o, do, v, dv in place of q, dq, k, dk). The usual identity, one reverse cumsum of
+``q ⊙ dq - k ⊙ dk`` over the whole sequence, is the same sum with every pair after t added and
+subtracted again: thousands of weight-~1 pairs with weak gates, and the weight-1 diagonal with strong
+ones, whose rounding then swamps the answer (measured: 3e-2 relative in bf16 at T=4096; garbage at
+g = -20). Here the only cancellation left is among the off-diagonal pairs of one chunk.
 
 CPU tensors run the PyTorch version of the same algorithm in ``chunk_torch.py``.
 """
@@ -34,7 +41,7 @@ from fla_gsa.ops.common.chunk_scores import chunk_scores
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
-from fla_gsa.ops.utils.index import prepare_lens
+from fla_gsa.ops.utils.index import chunk_rows
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -46,48 +53,40 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
-              gate_grads=False):
-    """Forward; with ``gate_grads`` also ``o'`` (o without the diagonal, if there is a value-side gate)
-    and ``S_T^-`` (if the final state is returned), which the gate gradients need."""
+              need_dgv=False):
+    """Forward; with ``need_dgv`` also ``o`` without its diagonal terms (fp32), for the value-side gate
+    gradient."""
     cdt = compute_dtype(k, v, q)
     Gk = cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens) if gk is not None else None
     Gv = cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens) if gv is not None else None
-    h, ht, ht_minus = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt,
-                                  final_state_minus=gate_grads and output_final_state)
+    h, ht = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt)
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
     o_nd = None
-    if gate_grads and gv is not None:
+    if need_dgv:
         o, o_nd = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt,
                                     no_diag=True)
     else:
         o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt)
-    return Gk, Gv, h, A, o, o_nd, ht, ht_minus
+    return Gk, Gv, h, A, o, o_nd, ht
 
 
-def _add_final_state_term(dg, term, cu_seqlens):
-    """Add the final-state contribution ``term [N, H, D]`` to every step of its sequence."""
-    if cu_seqlens is None:
-        return dg + term[:, None]
-    return dg + term.repeat_interleave(prepare_lens(cu_seqlens), dim=0)[None]
-
-
-def _gate_grad(a, da, b, db, ht, dht, reduce_dim, cu_seqlens):
-    """``revcumsum(sum_group a ⊙ da - b ⊙ db) + <S_T^-, dS_T>`` for one gate; ``a``/``da`` have the
-    query heads, ``b``/``db`` the key/value heads; ``da``/``db`` without the weight-1 pairs."""
+def _gate_grad(a, da_nd, b, db_nd, db_state, pairs_skipping, cu_seqlens, chunk_size):
+    """One gate's gradient from the four pair groups (module docstring). ``a``/``da_nd`` have the query
+    heads (``q``/``dq`` or ``do``/``o``), ``b``, ``db_nd`` (off-diagonal intra part) and ``db_state``
+    (state part) the key/value heads; ``pairs_skipping`` is one ``[H, D]`` row per row of the input."""
     B, T, H, D = b.shape
-    x = (a.float() * da.float()).view(B, T, H, -1, D).sum(3) - b.float() * db.float()
-    dg = cumsum_fwd(x, None, reverse=True, cu_seqlens=cu_seqlens)
-    if dht is not None:
-        dg = _add_final_state_term(dg, (ht * dht.float()).sum(reduce_dim), cu_seqlens)
-    return dg
+    x = (a.float() * da_nd).view(B, T, H, -1, D).sum(3) - b.float() * db_nd
+    dg = cumsum_fwd(x, chunk_size, reverse=True, cu_seqlens=cu_seqlens)
+    dg += cumsum_fwd(b.float() * db_state, chunk_size, cu_seqlens=cu_seqlens, exclusive=True)
+    return dg + pairs_skipping.view(B, T, H, D)
 
 
-def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, ht_minus, scale, initial_state, cu_seqlens, chunk_size,
+def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
               need_dgk, need_dgv):
-    H = k.shape[2]
+    B, T, H = k.shape[:3]
     cdt = compute_dtype(k, v, q)
     if h is None:  # recompute the chunk-boundary states instead of having kept them
-        h, _, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
+        h, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
     dh, dh0 = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H, initial_state is not None,
                            cdt, cdt)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
@@ -98,12 +97,20 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, ht_minus, scale, initial_sta
     dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, f32, cdt, transpose_m=True,
                            no_diag=need_dgk)
     dgk = dgv = None
+    if need_dgk or need_dgv:
+        # pairs skipping a chunk: <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>, then one row per input row
+        last, of_row = chunk_rows(cu_seqlens, B, T, chunk_size, k.device)
+        hd = h.float() * dh.float()  # [NT, H, K, V]
+        if Gk is not None:
+            hd *= Gk.flatten(0, 1)[last].exp()[..., None]
+        if Gv is not None:
+            hd *= Gv.flatten(0, 1)[last].exp()[..., None, :]
     if need_dgk:
-        (dq, dq_nd), (dk, dk_nd) = dq, dk
-        dgk = _gate_grad(q, dq_nd, k, dk_nd, ht_minus, dht, -1, cu_seqlens)
+        (dq, dq_nd), (dk, dk_nd, dk_st) = dq, dk
+        dgk = _gate_grad(q, dq_nd, k, dk_nd, dk_st, hd.sum(-1)[of_row], cu_seqlens, chunk_size)
     if need_dgv:
-        dv, dv_nd = dv
-        dgv = _gate_grad(o_nd, do, v, dv_nd, ht_minus, dht, -2, cu_seqlens)
+        dv, dv_nd, dv_st = dv
+        dgv = _gate_grad(do, o_nd, v, dv_nd, dv_st, hd.sum(-2)[of_row], cu_seqlens, chunk_size)
     return dq, dk, dv, dgk, dgv, dh0
 
 
@@ -117,20 +124,20 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         h0 = initial_state.contiguous() if initial_state is not None else None
         need_dgk = gk is not None and ctx.needs_input_grad[3]
         need_dgv = gv is not None and ctx.needs_input_grad[4]
-        Gk, Gv, h, A, o, o_nd, ht, ht_minus = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                                        chunk_size, output_dtype, need_dgk or need_dgv)
+        Gk, Gv, h, A, o, o_nd, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
+                                              chunk_size, output_dtype, need_dgv)
         keep_h = checkpoint_level == 0
-        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, ht_minus, h0, cu_seqlens)
+        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens)
         ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
                     [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)])
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, Gk, Gv, h, A, o_nd, ht_minus, h0, cu_seqlens = ctx.saved_tensors
+        q, k, v, Gk, Gv, h, A, o_nd, h0, cu_seqlens = ctx.saved_tensors
         scale, chunk_size, need_dgk, need_dgv, dtypes = ctx.meta
         dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
-            q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None, ht_minus,
+            q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
             scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv)
         grads = [g.to(dt) if g is not None else None for g, dt in zip((dq, dk, dv, dgk, dgv, dh0), dtypes)]
         dq, dk, dv, dgk, dgv, dh0 = grads

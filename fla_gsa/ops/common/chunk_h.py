@@ -26,11 +26,10 @@ from fla_gsa.ops.utils.triton_utils import load_row, load_tile, next_pow2, seq_b
 
 @triton.jit
 def chunk_fwd_h_kernel(
-    k, v, gk, gv, h, h0, ht, ht_minus, cu_seqlens, chunk_offsets, T,
+    k, v, gk, gv, h, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr, USE_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_HT_MINUS: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr,
+    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -68,13 +67,6 @@ def chunk_fwd_h_kernel(
             b_g = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
             b_v = b_v * tl.where(m_t[:, None], tl.exp(b_gl[None, :] - b_g), 0)
             b_h = b_h * tl.exp(b_gl)[None, :]
-        if STORE_HT_MINUS:
-            if i_t == NT - 1:
-                # S_T without k_T v_T^T, formed directly (not by a subtraction that would keep the
-                # rounding of that weight-1 term): the gate gradients need it.
-                b_km = tl.where((o_t < last)[:, None], b_k, 0)
-                b_hm = b_h + tl.dot(tl.trans(b_km.to(DT)), b_v.to(DT), input_precision=PREC)
-                tl.store(ht_minus + i_nh.to(tl.int64) * K * V + o_kv, b_hm, mask=m_kv)
         b_h += tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT), input_precision=PREC)
 
     if STORE_HT:
@@ -148,27 +140,24 @@ def _scan_setup(x, cu_seqlens, chunk_size):
 
 
 def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
-                states_dtype=None, final_state_minus=False):
+                states_dtype=None):
     """States entering every chunk, ``h [NT_total, H, K, V]`` (``states_dtype``, default k's dtype;
-    chunk ``c`` of sequence ``n`` at row ``chunk_offsets[n] + c``), the final states ``[N, H, K, V]``
-    in fp32 if asked, and (``final_state_minus``) the final states without the last step's ``k v^T``.
-    ``gk``/``gv`` are in-chunk cumsums (``chunk_local_cumsum``) or None."""
+    chunk ``c`` of sequence ``n`` at row ``chunk_offsets[n] + c``), and the final states ``[N, H, K, V]``
+    in fp32 if asked. ``gk``/``gv`` are in-chunk cumsums (``chunk_local_cumsum``) or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, NT, offsets = _scan_setup(k, cu_seqlens, chunk_size)
     h = k.new_empty(NT, H, K, V, dtype=states_dtype or k.dtype)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    ht_minus = k.new_empty(N, H, K, V, dtype=torch.float32) if final_state_minus else None
     BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     chunk_fwd_h_kernel[grid](
-        k, v, gk, gv, h, initial_state, ht, ht_minus, cu_seqlens, offsets, T,
+        k, v, gk, gv, h, initial_state, ht, cu_seqlens, offsets, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_HT_MINUS=final_state_minus,
-        IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
         num_warps=4,
     )
-    return h, ht, ht_minus
+    return h, ht
 
 
 def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0, compute_dtype,

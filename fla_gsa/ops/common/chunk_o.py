@@ -92,13 +92,13 @@ def chunk_apply_lower_kernel(
         b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r
         b_y = b_y * tl.where(m_i[:, None], tl.exp(b_gy), 0)
         # rows j of earlier blocks: e^{Gy_i - Gy_j} = e^{Gy_i - Gy_r} e^{Gy_r - Gy_j}
-        m_off = o_j < r
+        m_off = (o_j < r) & (o_j < T)  # r may lie past the end of the sequence
         b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_off[None, :], other=0)
         b_x = load_tile(x, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
         b_gx = load_tile(gy, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)
         b_x = b_x * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gx), 0)
         b_o = tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
-        b_y += b_o * tl.where(m_i[:, None], tl.exp(b_gy - b_gr[None, :]), 0)
+        b_y += b_o * tl.exp(tl.where(m_i[:, None], b_gy - b_gr[None, :], float("-inf")))
         # the diagonal block, one column j at a time
         for jj in tl.static_range(BC):
             j = r + jj
@@ -123,7 +123,7 @@ def chunk_apply_lower_kernel(
 
 @triton.jit
 def chunk_apply_upper_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, y_st, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -161,7 +161,7 @@ def chunk_apply_upper_kernel(
         b_gr = load_row(gy, bos, ref, i_h, H, DY, o_y, m_y).to(tl.float32)
         m_off = (o_i > ref) & (o_i < T)
         b_gx = load_tile(gy, bos, o_i, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
-        b_e = tl.where(m_off[:, None], tl.exp(b_gx - b_gr[None, :]), 0)
+        b_e = tl.exp(tl.where(m_off[:, None], b_gx - b_gr[None, :], float("-inf")))
         b_acc = tl.zeros([BC, BY], dtype=tl.float32)
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
@@ -194,10 +194,9 @@ def chunk_apply_upper_kernel(
             b_ajj = tl.load(p_col + (o_i - t0), mask=m_i, other=0)  # here rows i are rows j
             b_diag += b_ajj[:, None] * b_x.to(tl.float32)
     if STORE_ND:
-        # Without the two weight-1 pairs: the diagonal, and the last step of a sequence with the final
-        # state's gradient (its term in the state product).
-        b_snd = tl.where((o_j == T - 1)[:, None], 0, b_s)
-        store_tile(y_nd, b_y + b_snd, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+        # the gate gradients need the state part and the off-diagonal part apart (see chunk.py)
+        store_tile(y_nd, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+        store_tile(y_st, b_s, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
     store_tile(y, b_y + b_s + b_diag, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
 
 
@@ -214,15 +213,20 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
     y = p.new_empty(B, T, heads, DY, dtype=out_dtype)
     y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
+    upper = kernel is chunk_apply_upper_kernel
+    y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     BP, BY = min(64, next_pow2(DP)), min(64, next_pow2(DY))
     grid = (triton.cdiv(DY, BY), NT * (BT // BC), B * heads)
+    extra = (y_st,) if upper else ()
     kernel[grid](
-        p, gp, m, x, gy, A, y, y_nd, cu_seqlens, indices, scale, T,
+        p, gp, m, x, gy, A, y, y_nd, *extra, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
     )
-    return (y, y_nd) if no_diag else y
+    if not no_diag:
+        return y
+    return (y, y_nd, y_st) if upper else (y, y_nd)
 
 
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
@@ -238,7 +242,7 @@ def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dty
                       transpose_m=False, no_diag=False):
     """Upper apply: ``y [B, T, H, DY]`` from ``p [B, T, H, DP]``, state gradients ``m [NT, H, ., .]``,
     ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
-    ``no_diag``: also return ``y`` without the ``i == j`` terms and without the final-state term of each
-    sequence's last row (fp32)."""
+    ``no_diag``: also return the intra-chunk part without the ``i == j`` terms and the state part
+    (``scale * (P ⊙ gate) @ M ⊙ gate``), both fp32: ``y = y_st + y_nd + diagonal``."""
     return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
                   cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag)

@@ -46,7 +46,7 @@ def chunk_scores_kernel(
     b_A = tl.zeros([BC, BT], dtype=tl.float32)
     if USE_G:
         o_c = tl.arange(0, BC)
-        m_off = o_j < r  # columns of the earlier blocks (all < T since r < T wherever it matters)
+        m_off = (o_j < r) & (o_j < T)  # columns of the earlier blocks (r may lie past the end)
         b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
         for i_d in range(0, tl.cdiv(D, BD)):
             o_d = i_d * BD + tl.arange(0, BD)
@@ -56,7 +56,7 @@ def chunk_scores_kernel(
             b_gr = load_row(g, bos, tl.minimum(r, T - 1), i_h, H, D, o_d, m_d).to(tl.float32)  # [BD]
             b_k = load_tile(k, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)  # [BT, BD]
             b_gk = load_tile(g, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)
-            b_qg = b_q * tl.where(m_i[:, None], tl.exp(b_gq - b_gr[None, :]), 0)
+            b_qg = b_q * tl.exp(tl.where(m_i[:, None], b_gq - b_gr[None, :], float("-inf")))
             b_kg = b_k * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gk), 0)
             b_A += tl.dot(b_qg.to(DT), tl.trans(b_kg.to(DT)), input_precision=PREC)
             for jj in tl.static_range(BC):

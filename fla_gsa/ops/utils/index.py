@@ -53,3 +53,29 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[in
         return [(b, 0, T) for b in range(B)]
     c = cu_seqlens.tolist()
     return [(0, c[n], c[n + 1]) for n in range(len(c) - 1)]
+
+
+_ROWS_CACHE: dict = {}
+
+
+def chunk_rows(cu_seqlens: torch.Tensor | None, B: int, T: int, chunk_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last, of_row)``: the flat row index (over ``B * T``) of every chunk's last row, ``[NT_total]``,
+    and the global chunk index of every row, ``[B * T]``; chunks numbered as in the state tensors."""
+    key = (None if cu_seqlens is None else (id(cu_seqlens), cu_seqlens._version), B, T, chunk_size, str(device))
+    hit = _ROWS_CACHE.get(key)
+    if hit is not None and (cu_seqlens is None or hit[0] is cu_seqlens):
+        return hit[1]
+    bounds = seq_bounds(cu_seqlens, B, T)
+    last, of_row, n0 = [], [], 0
+    for b, bos, eos in bounds:
+        base = b * T + bos
+        L = eos - bos
+        nt = (L + chunk_size - 1) // chunk_size
+        last += [base + min((c + 1) * chunk_size, L) - 1 for c in range(nt)]
+        of_row += [n0 + t // chunk_size for t in range(L)]
+        n0 += nt
+    out = (torch.tensor(last, device=device), torch.tensor(of_row, device=device))
+    if len(_ROWS_CACHE) > 16:
+        _ROWS_CACHE.clear()
+    _ROWS_CACHE[key] = (cu_seqlens, out)
+    return out

@@ -159,14 +159,17 @@ def main(argv=None):
     for B, T in shapes:
         for op in [o for o in ops if o in ("gsa", "gla", "abc")]:
             for lib, table in libs.items():
+                n = len(rows)
                 bench_chunk(op, lib, table[op], B, T, a, rows, modes)
-                print(f"[bench] {op} {B}x{T} {lib} done ({time.time() - t0:.0f}s)", flush=True)
+                for r in rows[n:]:
+                    print(f"[bench] {r} ({time.time() - t0:.0f}s)", flush=True)
         if "sdpa" in ops:
             bench_sdpa(B, T, rows, modes)
     if "decode" in ops:
         for B in [int(b) for b in a.decode_batch.split(",")]:
             for lib, table in libs.items():
                 bench_decode(lib, table["decode"], B, a, rows)
+                print(f"[bench] {rows[-1]} ({time.time() - t0:.0f}s)", flush=True)
 
     # ratio of every fla_gsa row to the matching fla row
     ref = {(r["op"], r["mode"], r["B"], r["T"]): r["ms"] for r in rows if r["lib"] == "fla"}

@@ -13,6 +13,7 @@ from conftest import DEVICE, assert_rel, log_gates
 
 from fla_gsa.ops.common.chunk import chunk_linear_attn
 from fla_gsa.ops.common.naive import naive_recurrent_linear_attn
+from fla_gsa.ops.utils.backend import use_triton
 
 # One tolerance for outputs, states and every gradient. The loosest quantity is the gate gradient with
 # strong gates (tau = 0.1): a sum of cancelling terms whose exponents are differences of fp32
@@ -169,16 +170,19 @@ def test_float64_is_exact():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype):
-    # Half-precision inputs accumulate in fp32: o comes back in the input dtype, the state in fp32.
+    # Half-precision inputs: o comes back in the input dtype, the state in fp32. The PyTorch backend
+    # computes in fp32 (1e-4); the kernels multiply in the input precision on the tensor cores, where
+    # DESIGN's half-precision bar (1e-2) applies.
     x = make_inputs(1, 100, 2, 2, 16, 16, gates="both", dtype=dtype)
+    fp32_tol = 1e-2 if use_triton(x["q"]) else 1e-4
     o, ht = chunk_linear_attn(**x, output_final_state=True)
     ro, rht = naive_recurrent_linear_attn(**{n: t.detach().double() for n, t in x.items()}, output_final_state=True)
     assert o.dtype == dtype and ht.dtype == torch.float32
     assert_rel("o", o, ro, 1e-2)
-    assert_rel("final_state", ht, rht, 1e-4)
+    assert_rel("final_state", ht, rht, fp32_tol)
     o, _ = chunk_linear_attn(**x, output_dtype=torch.float32)
     assert o.dtype == torch.float32
-    assert_rel("o fp32", o, ro, 1e-4)
+    assert_rel("o fp32", o, ro, fp32_tol)
 
 
 def test_inputs_not_modified():

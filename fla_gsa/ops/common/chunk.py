@@ -207,7 +207,8 @@ def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_fi
     if checkpoint_level not in (0, 1):
         raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
     output_dtype = output_dtype or v.dtype
-    if use_triton(q):
+    # float64 is a reference mode: it runs the PyTorch algorithm on any device, exactly in float64
+    if use_triton(q) and torch.float64 not in (q.dtype, k.dtype, v.dtype):
         return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
                                              cu_seqlens, chunk_size, output_dtype, checkpoint_level)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch

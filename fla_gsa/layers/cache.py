@@ -45,6 +45,18 @@ class LayerState:
         kv_mask: ``[B, S]`` bool, which cached keys are real tokens; None when no padding was seen.
         extra: anything else a layer needs (ABC: ``"slot_lse"`` ``[B, H, M]``, the running
             log-sum-exp of its slot logits).
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.layers import Cache, GatedSlotAttention
+        >>> layer = GatedSlotAttention(hidden_size=32, num_heads=2, num_slots=8, layer_idx=0)
+        >>> _, _, cache = layer(torch.randn(3, 5, 32), use_cache=True)
+        >>> state = cache[0]
+        >>> hk, hv = state.recurrent_state
+        >>> state.seen_tokens, state.positions.tolist(), hk.shape, hv.shape
+        (5, [5, 5, 5], torch.Size([3, 2, 16, 8]), torch.Size([3, 2, 8, 16]))
+        >>> state.map_batch(lambda t: t[:1]).recurrent_state[0].shape   # keep the first row
+        torch.Size([1, 2, 16, 8])
     """
 
     seen_tokens: int = 0

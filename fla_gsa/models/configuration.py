@@ -72,6 +72,12 @@ class HybridConfig(PretrainedConfig):
         layer_types: one entry per layer from ``"gsa"``, ``"gla"``, ``"abc"``, ``"attention"``; default:
             all layers of the model's own kind.
         pad_token_id, bos_token_id, eos_token_id: special tokens.
+
+    Example:
+        >>> from fla_gsa.models import HybridConfig
+        >>> cfg = HybridConfig(hidden_size=256, num_hidden_layers=4, num_heads=4, layer_types=["gsa", "gla", "abc", "attention"])
+        >>> cfg.layer_types, cfg.gate_normalizer("gsa"), cfg.gate_normalizer("gla")
+        (['gsa', 'gla', 'abc', 'attention'], 8.0, 16.0)
     """
 
     model_type = "fla_gsa.hybrid"
@@ -192,7 +198,15 @@ class GSAConfig(HybridConfig):
 
 
 class GLAConfig(HybridConfig):
-    """Configuration of :class:`fla_gsa.models.GLAForCausalLM` (default: every layer GLA)."""
+    """Configuration of :class:`fla_gsa.models.GLAForCausalLM` (default: every layer GLA). Fields: see
+    :class:`HybridConfig`.
+
+    Example:
+        >>> from fla_gsa.models import GLAConfig
+        >>> cfg = GLAConfig(hidden_size=256, num_hidden_layers=2, num_heads=4)
+        >>> cfg.model_type, cfg.layer_types, cfg.gate_normalizer("gla")
+        ('fla_gsa.gla', ['gla', 'gla'], 16.0)
+    """
 
     model_type = "fla_gsa.gla"
     default_layer_type = "gla"
@@ -202,7 +216,15 @@ class GLAConfig(HybridConfig):
 
 
 class ABCConfig(HybridConfig):
-    """Configuration of :class:`fla_gsa.models.ABCForCausalLM` (default: every layer ABC)."""
+    """Configuration of :class:`fla_gsa.models.ABCForCausalLM` (default: every layer ABC). Fields: see
+    :class:`HybridConfig`.
+
+    Example:
+        >>> from fla_gsa.models import ABCConfig
+        >>> cfg = ABCConfig(hidden_size=256, num_hidden_layers=2, num_heads=4, num_slots=32)
+        >>> cfg.model_type, cfg.layer_types, cfg.num_slots
+        ('fla_gsa.abc', ['abc', 'abc'], 32)
+    """
 
     model_type = "fla_gsa.abc"
     default_layer_type = "abc"
@@ -213,7 +235,14 @@ class ABCConfig(HybridConfig):
 
 class TransformerConfig(HybridConfig):
     """Configuration of :class:`fla_gsa.models.TransformerForCausalLM`, the softmax-attention baseline
-    (default: every layer ``"attention"``, with RoPE and GQA)."""
+    (default: every layer ``"attention"``, with RoPE and GQA). Fields: see :class:`HybridConfig`.
+
+    Example:
+        >>> from fla_gsa.models import TransformerConfig
+        >>> cfg = TransformerConfig(hidden_size=256, num_hidden_layers=2, num_heads=8, num_kv_heads=2)
+        >>> cfg.model_type, cfg.layer_types
+        ('fla_gsa.transformer', ['attention', 'attention'])
+    """
 
     model_type = "fla_gsa.transformer"
     default_layer_type = "attention"

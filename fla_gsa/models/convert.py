@@ -51,7 +51,20 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 @dataclasses.dataclass
 class ConversionReport:
     """What :func:`convert_from_llama` did: ``copied`` maps each GSA parameter to the source parameter it
-    holds unchanged; ``new`` lists the parameters initialized here; ``notes`` any caveat."""
+    holds unchanged; ``new`` lists the parameters initialized here; ``notes`` any caveat.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from fla_gsa.models import convert_from_llama
+        >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+        ...                                      num_hidden_layers=1, num_attention_heads=4))
+        >>> _, report = convert_from_llama(llama, num_slots=8, return_report=True)
+        >>> report.copied["model.layers.0.attn.q_proj.weight"]
+        'model.layers.0.self_attn.q_proj.weight'
+        >>> print(report)
+        copied 12 tensors unchanged from the source
+        new (3): model.layers.0.attn.f_proj.weight, model.layers.0.attn.f_proj.bias, model.layers.0.attn.g_norm.weight
+    """
 
     copied: dict[str, str]
     new: list[str]

@@ -53,7 +53,19 @@ def build_token_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
 
 class HybridBlock(GradientCheckpointingLayer):
     """``h = x + mixer(attn_norm(x))``, ``y = h + mlp(mlp_norm(h))``; the mixer's kind comes from
-    ``config.layer_types[layer_idx]``."""
+    ``config.layer_types[layer_idx]``.
+
+    ``forward(hidden_states [B, T, D], attention_mask [B, S] = None, past_key_values = None,
+    use_cache = False)`` returns the new hidden states ``[B, T, D]``.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GSAConfig, HybridBlock
+        >>> cfg = GSAConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8, layer_types=["gsa", "attention"])
+        >>> block = HybridBlock(cfg, layer_idx=1)
+        >>> type(block.attn).__name__, block(torch.randn(2, 7, 64)).shape
+        ('Attention', torch.Size([2, 7, 64]))
+    """
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -112,6 +124,14 @@ class HybridModel(HybridPreTrainedModel):
     past_key_values: Cache = None, use_cache = None, output_hidden_states = None, return_dict = None)``
     returns a ``BaseModelOutputWithPast``. ``attention_mask`` (1 token, 0 padding) may cover the cached
     positions too (as ``generate()`` passes it); its last ``T`` columns describe the input.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GSAConfig, HybridModel
+        >>> cfg = GSAConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8)
+        >>> out = HybridModel(cfg).eval()(torch.tensor([[1, 5, 7, 9]]))
+        >>> out.last_hidden_state.shape, out.past_key_values.get_seq_length()
+        (torch.Size([1, 4, 64]), 4)
     """
 
     _input_embed_layer = "embeddings"
@@ -192,6 +212,18 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     unless ``return_logits=True`` (or ``config.fuse_linear_cross_entropy`` is False). Without labels the
     logits of the last ``logits_to_keep`` positions (0: all) are returned. ``num_items_in_batch`` (passed
     by the Trainer under gradient accumulation) makes the loss a sum over tokens divided by it.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GSAConfig, HybridForCausalLM
+        >>> cfg = GSAConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8)
+        >>> model = HybridForCausalLM(cfg)
+        >>> ids = torch.randint(0, 100, (2, 16))
+        >>> out = model(input_ids=ids, labels=ids)   # fused loss: no [B, T, vocab] logits are formed
+        >>> out.loss.shape, out.logits is None
+        (torch.Size([]), True)
+        >>> model(input_ids=ids, logits_to_keep=1).logits.shape   # the next-token logits only
+        torch.Size([2, 1, 100])
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -282,7 +314,16 @@ class GSAPreTrainedModel(HybridPreTrainedModel):
 
 
 class GSAModel(GSAPreTrainedModel, HybridModel):
-    """A stack of Gated Slot Attention blocks (or whatever ``config.layer_types`` mixes in)."""
+    """A stack of Gated Slot Attention blocks (or whatever ``config.layer_types`` mixes in); see
+    :class:`HybridModel` for the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GSAConfig, GSAModel
+        >>> model = GSAModel(GSAConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8))
+        >>> model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape
+        torch.Size([1, 3, 64])
+    """
 
 
 class GSAForCausalLM(GSAPreTrainedModel, HybridForCausalLM):
@@ -305,11 +346,27 @@ class GLAPreTrainedModel(HybridPreTrainedModel):
 
 
 class GLAModel(GLAPreTrainedModel, HybridModel):
-    """A stack of Gated Linear Attention blocks."""
+    """A stack of Gated Linear Attention blocks; see :class:`HybridModel` for the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GLAConfig, GLAModel
+        >>> model = GLAModel(GLAConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2))
+        >>> model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape
+        torch.Size([1, 3, 64])
+    """
 
 
 class GLAForCausalLM(GLAPreTrainedModel, HybridForCausalLM):
-    """Gated Linear Attention language model."""
+    """Gated Linear Attention language model; see :class:`HybridForCausalLM` for the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import GLAConfig, GLAForCausalLM
+        >>> model = GLAForCausalLM(GLAConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2)).eval()
+        >>> model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False).shape
+        torch.Size([1, 6])
+    """
 
     base_model_class = GLAModel
 
@@ -319,11 +376,28 @@ class ABCPreTrainedModel(HybridPreTrainedModel):
 
 
 class ABCModel(ABCPreTrainedModel, HybridModel):
-    """A stack of ABC blocks."""
+    """A stack of ABC blocks; see :class:`HybridModel` for the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import ABCConfig, ABCModel
+        >>> model = ABCModel(ABCConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8))
+        >>> model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape
+        torch.Size([1, 3, 64])
+    """
 
 
 class ABCForCausalLM(ABCPreTrainedModel, HybridForCausalLM):
-    """ABC (attention with bounded-memory control) language model."""
+    """ABC (attention with bounded-memory control) language model; see :class:`HybridForCausalLM` for
+    the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import ABCConfig, ABCForCausalLM
+        >>> model = ABCForCausalLM(ABCConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=2, num_slots=8))
+        >>> model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits.shape
+        torch.Size([1, 4, 100])
+    """
 
     base_model_class = ABCModel
 
@@ -333,10 +407,29 @@ class TransformerPreTrainedModel(HybridPreTrainedModel):
 
 
 class TransformerModel(TransformerPreTrainedModel, HybridModel):
-    """A stack of softmax-attention (RoPE, GQA) blocks: the baseline."""
+    """A stack of softmax-attention (RoPE, GQA) blocks: the baseline; see :class:`HybridModel` for the
+    forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import TransformerConfig, TransformerModel
+        >>> model = TransformerModel(TransformerConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2))
+        >>> model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape
+        torch.Size([1, 3, 64])
+    """
 
 
 class TransformerForCausalLM(TransformerPreTrainedModel, HybridForCausalLM):
-    """Softmax-attention (Llama-style) language model: the baseline."""
+    """Softmax-attention (Llama-style) language model: the baseline; see :class:`HybridForCausalLM` for
+    the forward.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.models import TransformerConfig, TransformerForCausalLM
+        >>> cfg = TransformerConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2)
+        >>> model = TransformerForCausalLM(cfg).eval()
+        >>> model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False).shape
+        torch.Size([1, 6])
+    """
 
     base_model_class = TransformerModel

@@ -31,7 +31,16 @@ def fused_recurrent_abc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: to
                         scale: float | None = None, initial_state=None, output_final_state: bool = False,
                         cu_seqlens: torch.Tensor | None = None):
     """Recurrent ABC: :func:`fla_gsa.ops.fused_recurrent_gsa` with ``g=None`` (the normalizer restarts
-    at each call; see there)."""
+    at each call; see there). Shapes and returns as :func:`fla_gsa.ops.chunk_abc`.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.ops import chunk_abc, fused_recurrent_abc
+        >>> q, k, v, s = (torch.randn(1, 12, 2, 16) for _ in range(4))
+        >>> o, _ = fused_recurrent_abc(q, k, v, s)
+        >>> torch.allclose(o, chunk_abc(q, k, v, s)[0], atol=1e-5)
+        True
+    """
     return fused_recurrent_gsa(q, k, v, s, None, scale, initial_state, output_final_state, cu_seqlens)
 
 

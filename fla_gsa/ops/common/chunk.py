@@ -159,11 +159,12 @@ def chunk_linear_attn(
     checkpoint_level: int = 1,
 ):
     r"""Chunked gated linear attention with the gate on the key side, the value side, or both; the
-    primitive that GLA, GSA and ABC are built from.
+    primitive that GLA, GSA and ABC are built from. Per key/value head::
 
-    .. math::
-        S_t = \mathrm{Diag}(e^{gk_t})\, S_{t-1}\, \mathrm{Diag}(e^{gv_t}) + k_t v_t^\top, \qquad
-        o_t = \text{scale} \cdot S_t^\top q_t
+        S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) + k_t v_t^T,      o_t = scale * S_t^T q_t
+
+    Inputs may be float16, bfloat16 or float32 (float64 runs the PyTorch algorithm, a reference); the
+    kernels accumulate in fp32.
 
     Args:
         q: queries ``[B, T, HQ, K]``; ``HQ`` may be a multiple ``G * H`` of the key/value heads (GQA:

@@ -34,6 +34,16 @@ def naive_recurrent_linear_attn(
 
     Returns:
         ``(o [B, T, HQ, V], final_state [N, H, K, V] or None)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_gsa.ops import chunk_linear_attn, naive_recurrent_linear_attn
+        >>> q, k, v = (torch.randn(1, 20, 2, 8, dtype=torch.float64) for _ in range(3))
+        >>> gk = F.logsigmoid(torch.randn(1, 20, 2, 8, dtype=torch.float64))
+        >>> ref, _ = naive_recurrent_linear_attn(q, k, v, gk=gk)
+        >>> o, _ = chunk_linear_attn(q, k, v, gk=gk)
+        >>> torch.allclose(o, ref)
+        True
     """
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[-1]

@@ -51,10 +51,28 @@ def chunk_gsa(
             (faster backward, ``2 * B * T / chunk_size * H * M * (K + V)`` more elements of memory).
         chunk_size: chunk length (power of two ``>= 16``).
 
+    Dtypes: ``q, k, v, s, g`` float16, bfloat16 or float32 (float64 runs the PyTorch algorithm, as a
+    reference); the kernels accumulate in fp32, the slot softmax is taken in fp32, and the states are fp32.
+
     Returns:
         ``(o [B, T, HQ, V] in v's dtype, (hk, hv) or None)``.
 
-    Example:
+    Examples:
+        Varlen with an initial state per sequence, and GQA (4 query heads on 2 key/value heads):
+
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_gsa.ops import chunk_gsa
+        >>> cu_seqlens = torch.tensor([0, 30, 100])   # two sequences packed along T, B = 1
+        >>> q, k, v = torch.randn(1, 100, 4, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16)
+        >>> g = F.logsigmoid(torch.randn(1, 100, 2, 8)) / 8
+        >>> h0 = (torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 8, 16))   # (hk, hv), one per sequence
+        >>> o, (hk, hv) = chunk_gsa(q, k, v, 1 - g.exp(), g, initial_state=h0, output_final_state=True,
+        ...                         cu_seqlens=cu_seqlens)
+        >>> o.shape, hk.shape
+        (torch.Size([1, 100, 4, 16]), torch.Size([2, 2, 16, 8]))
+
+        Batched, with the final states:
+
         >>> import torch, torch.nn.functional as F
         >>> from fla_gsa.ops import chunk_gsa
         >>> B, T, H, K, V, M = 2, 100, 2, 32, 32, 16

@@ -13,7 +13,20 @@ def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     float64 reference). Same arguments and returns as :func:`fla_gsa.ops.chunk_gsa`.
 
     Per step and key/value head: ``K̃ = Diag(α) K̃ + s k^T``, ``Ṽ = Diag(α) Ṽ + s v^T``,
-    ``o = Ṽ^T softmax(scale K̃ q)`` (one softmax per query head)."""
+    ``o = Ṽ^T softmax(scale K̃ q)`` (one softmax per query head). Shapes: ``q [B, T, HQ, K]``,
+    ``k [B, T, H, K]``, ``v [B, T, H, V]``, ``s`` and ``g`` ``[B, T, H, M]``, states
+    ``(hk [N, H, K, M], hv [N, H, M, V])``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_gsa.ops import chunk_gsa, naive_recurrent_gsa
+        >>> q, k, v = (torch.randn(1, 40, 2, 16, dtype=torch.float64) for _ in range(3))
+        >>> g = F.logsigmoid(torch.randn(1, 40, 2, 8, dtype=torch.float64))
+        >>> ref, _ = naive_recurrent_gsa(q, k, v, 1 - g.exp(), g)
+        >>> o, _ = chunk_gsa(q, k, v, 1 - g.exp(), g)
+        >>> torch.allclose(o, ref)
+        True
+    """
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     G = HQ // H

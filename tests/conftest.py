@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Test tensors are tiny: one intra-op thread avoids the thread-pool wake-ups that dominate small ops
+# (and the oversubscription when other processes share the cores).
+torch.set_num_threads(1)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

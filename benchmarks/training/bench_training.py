@@ -1,0 +1,117 @@
+"""Model-level training throughput: tokens/s and peak memory of GSA, GLA, a GSA+attention hybrid and a
+Transformer of about the same size, a few AdamW steps each in bf16 autocast, on random tokens.
+
+    python benchmarks/training/bench_training.py --size 340M --tokens 16384 --steps 10 --out results/
+
+Sizes follow the GSA paper's settings (340M: hidden 1024, 24 layers, 4 heads, 64 slots; 1.3B: hidden
+2048, 24 layers). Every model checks that its losses stay finite.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import time
+
+import torch
+
+from fla_gsa.models import GLAConfig, GSAConfig, TransformerConfig
+
+SIZES = {"340M": dict(hidden_size=1024, num_hidden_layers=24), "1.3B": dict(hidden_size=2048, num_hidden_layers=24),
+         "tiny": dict(hidden_size=128, num_hidden_layers=2)}
+
+
+def configs(size: str, vocab: int):
+    base = dict(vocab_size=vocab, tie_word_embeddings=False, **SIZES[size])
+    L = base["num_hidden_layers"]
+    return {
+        "gsa": GSAConfig(num_heads=4, num_slots=64, **base),
+        "gla": GLAConfig(num_heads=4, **base),
+        "hybrid": GSAConfig(num_heads=4, num_slots=64, layer_types=["attention" if i % 4 == 3 else "gsa" for i in range(L)],
+                            **base),
+        "transformer": TransformerConfig(num_heads=16, **base),
+    }
+
+
+def run(name, cfg, B, T, steps, warmup, device):
+    from transformers import AutoModelForCausalLM as Auto  # fla_gsa.models registered the configs
+
+    torch.manual_seed(0)
+    model = Auto.from_config(cfg).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    losses = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    t_first = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    first_s = time.perf_counter() - t_first
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        from tqdm import tqdm
+        it = tqdm(range(steps), desc=name, unit="step", leave=False)
+    except ImportError:
+        it = range(steps)
+    for _ in it:
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    finite = all(math.isfinite(v) for v in losses)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(model=name, params_m=params / 1e6, B=B, T=T, tokens_per_s=steps * B * T / dt, peak_gib=peak,
+                warmup_s=first_s, loss_first=losses[0], loss_last=losses[-1], finite=finite)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="340M", choices=list(SIZES))
+    p.add_argument("--models", default="gsa,hybrid,transformer,gla")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    B = max(1, a.tokens // a.T)
+    cfgs = configs(a.size, a.vocab)
+    rows = []
+    for name in a.models.split(","):
+        r = run(name, cfgs[name], B, a.T, a.steps, a.warmup, device)
+        rows.append(r)
+        print(f"[train] {r}", flush=True)
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{dev} | torch {torch.__version__} | {a.size} | {B}x{a.T} tokens per batch | {time.strftime('%Y-%m-%d')}")
+    print(f"{'model':12} {'params':>8} {'tokens/s':>10} {'peak GiB':>9} {'loss first->last':>18} finite")
+    for r in rows:
+        print(f"{r['model']:12} {r['params_m']:7.0f}M {r['tokens_per_s']:10,.0f} {r['peak_gib']:9.1f} "
+              f"{r['loss_first']:8.3f}->{r['loss_last']:.3f} {r['finite']}")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench_training.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

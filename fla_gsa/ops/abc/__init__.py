@@ -31,7 +31,9 @@ def fused_recurrent_abc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: to
                         scale: float | None = None, initial_state=None, output_final_state: bool = False,
                         cu_seqlens: torch.Tensor | None = None):
     """Recurrent ABC: :func:`fla_gsa.ops.fused_recurrent_gsa` with ``g=None`` (the normalizer restarts
-    at each call; see there). Shapes and returns as :func:`fla_gsa.ops.chunk_abc`.
+    at each call; see there). Shapes and returns as :func:`fla_gsa.ops.chunk_abc`: ``q [B, T, HQ, K]``,
+    ``k [B, T, H, K]``, ``v [B, T, H, V]``, slot-write logits ``s [B, T, H, M]``, states
+    ``(hk [N, H, K, M], hv [N, H, M, V])``; returns ``(o [B, T, HQ, V], (hk, hv) or None)``.
 
     Example:
         >>> import torch

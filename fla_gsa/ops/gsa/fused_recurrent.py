@@ -31,6 +31,20 @@ def fused_recurrent_gsa(
     not part of ``(hk, hv)``, so ABC decoding token by token must go through the chunked op on the whole
     prefix, or keep its own normalizer.
 
+    Args:
+        q: queries ``[B, T, HQ, K]`` (``HQ`` a multiple of ``H``: GQA).
+        k: keys ``[B, T, H, K]``.
+        v: values ``[B, T, H, V]``.
+        s: slot write weights ``[B, T, H, M]``.
+        g: log forget gates of the slots ``[B, T, H, M]`` (``<= 0``), or None for ABC.
+        scale: factor on the slot logits; default ``K ** -0.5``.
+        initial_state: ``(hk [N, H, K, M], hv [N, H, M, V])`` (fp32), N = B or the number of sequences.
+        output_final_state: also return the final ``(hk, hv)`` (fp32).
+        cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (B must be 1).
+
+    Returns:
+        ``(o [B, T, HQ, V] in v's dtype, (hk, hv) or None)``.
+
     Example:
         >>> import torch, torch.nn.functional as F
         >>> from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa

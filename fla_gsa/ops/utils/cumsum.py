@@ -195,7 +195,9 @@ def chunk_global_cumsum(
     output_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Cumulative sum of ``g`` along the whole of each sequence; same arguments as
-    :func:`chunk_local_cumsum` without ``chunk_size``.
+    :func:`chunk_local_cumsum` without ``chunk_size``: ``g`` ``[B, T, H, D]`` or ``[B, T, H]``, with
+    ``cu_seqlens`` the sums restart at each packed sequence. Returns a tensor of ``g``'s shape in
+    ``output_dtype``.
 
     Example:
         >>> import torch

@@ -56,7 +56,11 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, reducti
             continue
         dlogits_c = cross_entropy_bwd(logits_c, y_c, lse_c, scale, ignore_index, out=logits_c)
         if need_dh:
-            torch.mm(dlogits_c, weight, out=dh[start:start + C])
+            dh_c = dh[start:start + C]
+            if dh_c.dtype == dlogits_c.dtype == weight.dtype:
+                torch.mm(dlogits_c, weight, out=dh_c)
+            else:  # under autocast the products run in half precision while hidden stays fp32
+                dh_c.copy_(torch.mm(dlogits_c, weight))
         if need_dw:
             if dw.dtype == dlogits_c.dtype:
                 dw.addmm_(dlogits_c.t(), h_c)

@@ -200,3 +200,16 @@ def test_cu_seqlens_checks(cu, match):
     a = {n: t[:1] for n, t in _args().items()}
     with pytest.raises(ValueError, match=match):
         chunk_gsa(**a, cu_seqlens=torch.tensor(cu, device=DEVICE))
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_float64_reference_mode(mode):
+    # float64 inputs are a reference run: the slot logits and everything else stay in float64
+    x = {n: t.detach().double() if t is not None else None for n, t in make_inputs(1, 70, 2, 1, 16, 12, 10).items()}
+    args = [x[n] for n in "q k v s g".split()]
+    o, (hk, hv) = OPS[mode](*args, initial_state=(x["hk0"], x["hv0"]), output_final_state=True)
+    ro, (rhk, rhv) = naive_recurrent_gsa(*args, initial_state=(x["hk0"], x["hv0"]), output_final_state=True)
+    assert o.dtype == torch.float64
+    assert_rel("o", o, ro, 1e-12)
+    assert_rel("hk", hk, rhk, 1e-12)
+    assert_rel("hv", hv, rhv, 1e-12)

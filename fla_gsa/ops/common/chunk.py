@@ -38,7 +38,7 @@ import torch
 from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
 from fla_gsa.ops.common.chunk_scores import chunk_scores
-from fla_gsa.ops.utils.backend import use_triton
+from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
 from fla_gsa.ops.utils.index import chunk_rows
@@ -208,8 +208,7 @@ def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_fi
     if checkpoint_level not in (0, 1):
         raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
     output_dtype = output_dtype or v.dtype
-    # float64 is a reference mode: it runs the PyTorch algorithm on any device, exactly in float64
-    if use_triton(q) and torch.float64 not in (q.dtype, k.dtype, v.dtype):
+    if use_kernels(q, k, v):
         return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
                                              cu_seqlens, chunk_size, output_dtype, checkpoint_level)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch

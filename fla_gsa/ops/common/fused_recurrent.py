@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_gsa.ops.utils.backend import use_triton
+from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_linear_attn
 from fla_gsa.ops.utils.triton_utils import next_pow2, seq_bounds
 
@@ -375,7 +375,7 @@ def fused_recurrent_torch(q, k, v, gk, gv, scale, initial_state, output_final_st
     o = torch.stack(outs, 1).reshape(N, L, HQ, V) * scale
     if cu_seqlens is not None:
         o = torch.cat([o[n, :b - a] for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]).unsqueeze(0)
-    return o.to(output_dtype), (S.float() if output_final_state else None)
+    return o.to(output_dtype), (S.to(torch.promote_types(dtype, torch.float32)) if output_final_state else None)
 
 
 def fused_recurrent_linear_attn(
@@ -434,7 +434,7 @@ def fused_recurrent_linear_attn(
         output_dtype = v.dtype
     elif not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
         raise TypeError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
-    if use_triton(q):
+    if use_kernels(q, k, v):
         return FusedRecurrentFunction.apply(q, k, v, gk, gv, scale, initial_state, bool(output_final_state),
                                             cu_seqlens, output_dtype)
     return fused_recurrent_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, output_dtype)

@@ -85,8 +85,10 @@ def chunk_gsa(
     _, scale, hk0, hv0 = check_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens)
     if g is None:
         s, g = abc_slot_gates(s, cu_seqlens)
+    # the slot logits stay in fp32 for the softmax (float64 inputs: a float64 reference run)
+    logit_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     ok, hk = chunk_linear_attn_unchecked(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
-                                         chunk_size, torch.float32, checkpoint_level)
+                                         chunk_size, logit_dtype, checkpoint_level)
     p = ok.softmax(dim=-1)
     o, hv = chunk_linear_attn_unchecked(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
                                         chunk_size, v.dtype, checkpoint_level)

@@ -67,7 +67,7 @@ def fused_recurrent_gsa(
         s, g = abc_slot_gates(s, cu_seqlens)
     ok, hk = fused_recurrent_linear_attn(q, k, s, gv=g, scale=scale, initial_state=hk0,
                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                         output_dtype=torch.float32)
+                                         output_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     p = ok.softmax(dim=-1)
     o, hv = fused_recurrent_linear_attn(p, s, v, gk=g, scale=1.0, initial_state=hv0,
                                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,

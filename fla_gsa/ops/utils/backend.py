@@ -22,3 +22,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: exact fp32 products for fp32 inputs, so a fp32 call is a
     fp32 reference; half-precision inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def use_kernels(*tensors) -> bool:
+    """Run an op's Triton kernels: the first tensor is on CUDA (or the interpreter is on) and no input
+    is float64 — float64 is a reference mode, run by the PyTorch algorithm exactly, on any device."""
+    return use_triton(tensors[0]) and all(t is None or t.dtype != torch.float64 for t in tensors)

@@ -24,5 +24,14 @@ test-fast:
 test-interpret:
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
 
+# The documentation site (docs/ + mkdocs.yml, API pages from the docstrings); --strict fails on any warning.
+docs:
+	@bash scripts/setup.sh docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve:
+	@bash scripts/setup.sh docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 clean:
 	rm -rf .venv build dist *.egg-info site .pytest_cache

@@ -6,16 +6,110 @@ each head are rotated by the angles ``p·θ_i``; the rest pass through unchanged
 - rotate-half (default, Llama/HF): pairs are ``(x_i, x_{i + dim/2})``.
 - interleaved (GPT-J / original RoFormer): pairs are ``(x_{2i}, x_{2i+1})``.
 
-The angles are formed in float64 (``p·θ`` loses ~``p·2^-24`` radians in fp32, 4e-3 at 64K) and the
-rotation is done in fp32 (fp64 for fp64 inputs), then cast back; autograd gives the backward
-(a rotation by the opposite angle).
+The angles are formed in float64 (``p·θ`` loses ~``p·2^-24`` radians in fp32, 4e-3 at 64K) and handed
+to the rotation as fp32 ``cos``/``sin`` tables; the rotation is done in fp32 (fp64 for fp64 inputs),
+then cast back. On CUDA tensors (or under ``TRITON_INTERPRET=1``) one Triton kernel does the rotation,
+and its backward is the same kernel rotating by the opposite angle (``sin → −sin``); otherwise plain
+PyTorch with autograd.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 
+from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
+
+
+@triton.jit
+def rotary_kernel(
+    x, cos, sin, y, T, H, s_cb,
+    D: tl.constexpr, R: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+    INTERLEAVED: tl.constexpr, REVERSE: tl.constexpr, HAS_REST: tl.constexpr,
+):
+    # One token and BH heads per program. x, y: contiguous [B, T, H, D]; cos, sin: fp32 [B or 1, T, R]
+    # (batch stride s_cb, 0 when shared). The first 2R features are rotated, the rest copied.
+    i_bt, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_t = i_bt // T, i_bt % T
+    o_h = i_h * BH + tl.arange(0, BH)
+    o_r = tl.arange(0, BR)
+    m_h, m_r = o_h < H, o_r < R
+    m = m_h[:, None] & m_r[None, :]
+
+    p_cs = i_b.to(tl.int64) * s_cb + i_t.to(tl.int64) * R + o_r
+    b_c = tl.load(cos + p_cs, mask=m_r, other=0).to(tl.float32)[None, :]  # [1, BR]
+    b_s = tl.load(sin + p_cs, mask=m_r, other=0).to(tl.float32)[None, :]
+    if REVERSE:
+        b_s = -b_s
+    row = (i_bt.to(tl.int64) * H + o_h)[:, None] * D  # [BH, 1]
+    if INTERLEAVED:
+        o_1, o_2 = 2 * o_r, 2 * o_r + 1
+    else:
+        o_1, o_2 = o_r, o_r + R
+    b_x1 = tl.load(x + row + o_1[None, :], mask=m, other=0).to(tl.float32)  # [BH, BR]
+    b_x2 = tl.load(x + row + o_2[None, :], mask=m, other=0).to(tl.float32)
+    b_y1 = b_x1 * b_c - b_x2 * b_s
+    b_y2 = b_x2 * b_c + b_x1 * b_s
+    tl.store(y + row + o_1[None, :], b_y1.to(y.dtype.element_ty), mask=m)
+    tl.store(y + row + o_2[None, :], b_y2.to(y.dtype.element_ty), mask=m)
+    if HAS_REST:
+        o_p = 2 * R + tl.arange(0, BP)
+        m_p = m_h[:, None] & (o_p < D)[None, :]
+        tl.store(y + row + o_p[None, :], tl.load(x + row + o_p[None, :], mask=m_p, other=0), mask=m_p)
+
+
+def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+               reverse: bool = False) -> torch.Tensor:
+    """Launch :func:`rotary_kernel` on ``x [B, T, H, D]`` with fp32 ``cos``/``sin`` ``[B or 1, T, R]``;
+    ``reverse`` rotates by the opposite angle (the backward)."""
+    x = x.contiguous()
+    B, T, H, D = x.shape
+    R = cos.shape[-1]
+    y = torch.empty_like(x)
+    BR = triton.next_power_of_2(R)
+    BH = max(1, min(triton.next_power_of_2(H), 2048 // BR))
+    HAS_REST = D > 2 * R
+    BP = triton.next_power_of_2(D - 2 * R) if HAS_REST else 1
+    s_cb = 0 if cos.shape[0] == 1 else T * R
+    rotary_kernel[(B * T, triton.cdiv(H, BH))](
+        x, cos, sin, y, T, H, s_cb,
+        D=D, R=R, BH=BH, BR=BR, BP=BP, INTERLEAVED=interleaved, REVERSE=reverse, HAS_REST=HAS_REST,
+        num_warps=min(max(BH * BR // 256, 1), 8),
+    )
+    return y
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return rotary_fwd(x, cos, sin, interleaved)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        # the rotation is orthogonal: its transpose is the rotation by −θ
+        return rotary_fwd(dy, cos, sin, ctx.interleaved, reverse=True), None, None, None
+
+
+def _triton_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``cos``, ``sin`` as contiguous fp32 ``[B or 1, T, R]`` when the Triton kernel can take them
+    (``[B or 1, T, 1, R]``, no gradient wanted), else ``None``."""
+    if not use_triton(x) or x.dtype == torch.float64 or x.ndim != 4 or x.numel() == 0:
+        return None
+    B, T = x.shape[:2]
+    if cos.shape != sin.shape or cos.ndim != 4 or cos.shape[2] != 1 or cos.shape[1] != T or cos.shape[0] not in (1, B):
+        return None
+    if cos.requires_grad or sin.requires_grad or cos.device != x.device or sin.device != x.device:
+        return None
+    R = cos.shape[-1]
+    if R == 0 or 2 * R > x.shape[-1]:
+        return None
+    return (cos.reshape(cos.shape[0], T, R).to(torch.float32).contiguous(),
+            sin.reshape(sin.shape[0], T, R).to(torch.float32).contiguous())
 
 
 def rotary_positions(B: int, T: int, seqlen_offset=0, cu_seqlens: torch.Tensor | None = None,
@@ -52,6 +146,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         >>> torch.allclose(y, torch.tensor([0.0, 1.0]), atol=1e-6)  # (1, 0) turned a quarter
         True
     """
+    tables = _triton_tables(x, cos, sin)
+    if tables is not None:
+        return RotaryFunction.apply(x, *tables, bool(interleaved))
     dim = 2 * cos.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)
     xr = x[..., :dim].to(acc)

@@ -1,11 +1,34 @@
-"""RotaryEmbedding against a float64 rotate-half / interleaved reference, offsets, varlen, and HF Llama."""
+"""RotaryEmbedding against a float64 rotate-half / interleaved reference, offsets, varlen, and HF Llama.
+
+Under ``TRITON_INTERPRET=1`` (or on CUDA) the ``triton``-marked cases must run the Triton kernel: a spy
+on the launcher counts forward and backward (reverse-rotation) launches."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fla_gsa.modules import RotaryEmbedding
-from conftest import DEVICE, assert_rel
+import fla_gsa.modules.rotary as rotary
+from fla_gsa.modules import RotaryEmbedding, apply_rotary
+from conftest import DEVICE, INTERPRET, assert_rel
+
+TRITON = INTERPRET or DEVICE.type == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def kernel_calls(request, monkeypatch):
+    """Count launches of the rotary kernel (``{"fwd": n, "bwd": n}``); a ``triton`` case that should run
+    the kernel and never did fails."""
+    calls = {"fwd": 0, "bwd": 0}
+    launch = rotary.rotary_fwd
+
+    def spy(x, cos, sin, interleaved, reverse=False):
+        calls["bwd" if reverse else "fwd"] += 1
+        return launch(x, cos, sin, interleaved, reverse)
+
+    monkeypatch.setattr(rotary, "rotary_fwd", spy)
+    yield calls
+    if TRITON and request.node.get_closest_marker("triton") is not None:
+        assert calls["fwd"] > 0, "the Triton rotary kernel never ran"
 
 
 def ref_rotary(x, pos, dim, base=10000.0, interleaved=False):
@@ -29,7 +52,7 @@ def ref_rotary(x, pos, dim, base=10000.0, interleaved=False):
 @pytest.mark.triton
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("D,dim", [(64, 64), (100, 40)])
-def test_forward_and_grads(interleaved, D, dim):
+def test_forward_and_grads(interleaved, D, dim, kernel_calls):
     B, T, HQ, H = 2, 13, 4, 2
     rope = RotaryEmbedding(dim, interleaved=interleaved)
     q = torch.randn(B, T, HQ, D, device=DEVICE, requires_grad=True)
@@ -46,6 +69,34 @@ def test_forward_and_grads(interleaved, D, dim):
     assert_rel("dq", grads[0], ref_grads[0], 1e-6)
     assert_rel("dk", grads[1], ref_grads[1], 1e-6)
     assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0)
+    if TRITON:
+        assert kernel_calls == {"fwd": 2, "bwd": 2}
+    # the pass-through features are copied bit for bit
+    assert torch.equal(qr[..., dim:].detach(), q0[..., dim:]) and torch.equal(kr[..., dim:].detach(), k0[..., dim:])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_kernel_matches_torch(dtype, interleaved, kernel_calls):
+    """The kernel against the PyTorch path of ``apply_rotary`` (per-batch tables, many heads, odd sizes)."""
+    B, T, H, D, R = 3, 5, 37, 24, 10
+    x = torch.randn(B, T, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    ang = torch.randn(B, T, 1, R, dtype=torch.float64, device=DEVICE) * 100
+    cos, sin = ang.cos().float(), ang.sin().float()
+    y = apply_rotary(x, cos, sin, interleaved)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    if TRITON:
+        assert kernel_calls == {"fwd": 1, "bwd": 1}
+    # reference: the PyTorch path (cos requiring a gradient is the one case the kernel does not take)
+    xr = x.detach().clone().requires_grad_()
+    y_ref = apply_rotary(xr, cos.requires_grad_(), sin, interleaved)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, dy)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert_rel("y", y, y_ref, tol)
+    assert_rel("dx", dx, dx_ref, tol)
 
 
 @pytest.mark.triton

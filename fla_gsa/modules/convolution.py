@@ -5,20 +5,238 @@
 The cache ``[N, D, W]`` holds the last ``W`` inputs of each sequence (oldest first, zero-padded when
 fewer were seen), so a decode step is ``cache ← [cache[..., 1:], x_t]``, ``y_t = act(Σ cache · w + b)``.
 
-Packed sequences (``cu_seqlens``) are handled by scattering the tokens into a layout where each
-sequence is preceded by its own ``W − 1`` prefix slots (zeros or its cache), then running one
-ordinary convolution: no window ever reaches into the previous sequence, with no per-sequence loop.
-This is plain PyTorch on every device (``F.conv1d`` is already a fused kernel on GPU).
+On CUDA tensors (or under ``TRITON_INTERPRET=1``) the forward and backward are Triton kernels over
+tiles of ``BT`` tokens × ``BD`` channels (in varlen mode a tile never crosses a sequence: the grid is
+the per-sequence chunk list). A tap that reaches before the sequence start reads the cache (or
+zero), so nothing leaks across packed sequences. The backward recomputes the pre-activation where the
+SiLU derivative needs it (nothing but the inputs is saved) and gives
+
+    dz_t = dy_t · silu'(z_t),   dx_t = Σ_j w[:, j] dz_{t+W−1−j},   dw[:, j] = Σ_t dz_t x_{t−W+1+j},   db = Σ_t dz_t
+
+with ``dx`` of the prefix positions going to the cache; ``dw`` and ``db`` are summed per tile into an
+fp32 ``[tiles, D, W]`` partial buffer, then over the tiles on the host. The final cache is a gather
+of the last ``W`` inputs (PyTorch, autograd). ``step`` (one token) is PyTorch on every device.
+
+Elsewhere (CPU without the interpreter, float64), plain PyTorch: packed sequences are handled by
+scattering the tokens into a layout where each sequence is preceded by its own ``W − 1`` prefix slots
+(zeros or its cache), then running one ordinary convolution, with no per-sequence loop.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
+from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.triton_utils import chunk_bounds
 
 _ACTIVATIONS = (None, "silu", "swish")
+
+# Tokens per tile (at most; fewer for short inputs) and channels per tile.
+BLOCK_T = 64
+BLOCK_D = 128
+
+
+@triton.jit
+def _conv_input(x, cache, i_n, bos, rows, L, o_d, m_d, D: tl.constexpr, W: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """Inputs at the sequence-relative ``rows`` as a fp32 ``[len(rows), BD]`` tile: ``x`` for
+    ``0 <= row < L``, the cache for ``1 - W <= row < 0`` (cache slot ``W + row``), zero elsewhere."""
+    m_x = (rows >= 0) & (rows < L)
+    b_x = tl.load(x + (bos + rows)[:, None] * D + o_d[None, :], mask=m_x[:, None] & m_d[None, :], other=0).to(tl.float32)
+    if HAS_CACHE:
+        m_c = (rows < 0) & (rows > -W)
+        p_c = cache + i_n.to(tl.int64) * D * W + o_d[None, :] * W + (W + rows)[:, None]
+        b_x += tl.load(p_c, mask=m_c[:, None] & m_d[None, :], other=0).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _conv_pre(x, cache, weight, bias, i_n, bos, rows, L, o_d, m_d,
+              D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+              HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Pre-activation ``z = Σ_j w[:, j] x_{row−W+1+j} + b`` at ``rows``, fp32 ``[BR, BD]``."""
+    b_z = tl.zeros([BR, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0).to(tl.float32)
+        b_z += b_w[None, :] * _conv_input(x, cache, i_n, bos, rows - (W - 1) + j, L, o_d, m_d, D, W, HAS_CACHE)
+    if HAS_BIAS:
+        b_z += tl.load(bias + o_d, mask=m_d, other=0).to(tl.float32)[None, :]
+    return b_z
+
+
+@triton.jit
+def _conv_dz(x, cache, weight, bias, dy, i_n, bos, rows, L, o_d, m_d,
+             D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+             HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """Gradient of the pre-activation at ``rows`` (zero outside ``[0, L)``), fp32 ``[BR, BD]``."""
+    m_r = (rows >= 0) & (rows < L)
+    b_dz = tl.load(dy + (bos + rows)[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0).to(tl.float32)
+    if SILU:
+        b_z = _conv_pre(x, cache, weight, bias, i_n, bos, rows, L, o_d, m_d, D, W, BR, BD, HAS_CACHE, HAS_BIAS)
+        b_sig = tl.sigmoid(b_z)
+        b_dz = b_dz * b_sig * (1 + b_z * (1 - b_sig))
+    return b_dz
+
+
+@triton.jit
+def short_conv_fwd_kernel(
+    x, cache, weight, bias, y, cu_seqlens, chunk_indices, T,
+    D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # x, y: contiguous [B, T, D]; weight [D, W]; cache [N, D, W] (oldest first).
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c, bos, L = chunk_bounds(i_b, i_t, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    o_t = i_c * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t, m_d = o_t < L, o_d < D
+    b_y = _conv_pre(x, cache, weight, bias, i_n, bos, o_t, L, o_d, m_d, D, W, BT, BD, HAS_CACHE, HAS_BIAS)
+    if SILU:
+        b_y = b_y * tl.sigmoid(b_y)
+    tl.store(y + (bos + o_t)[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def short_conv_bwd_kernel(
+    x, cache, weight, bias, dy, dx, dcache, dw, db, cu_seqlens, chunk_indices, T, NT,
+    D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_DCACHE: tl.constexpr, STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
+):
+    # dw [P, D, W], db [P, D] (fp32): one partial per tile P = i_b * NT + i_t; dcache [N, D, W] is
+    # zero-filled by the host, the first tile of each sequence writes its slots 1..W-1.
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c, bos, L = chunk_bounds(i_b, i_t, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    o_t = i_c * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t, m_d = o_t < L, o_d < D
+    m = m_t[:, None] & m_d[None, :]
+
+    # dx_t = Σ_j w[:, j] dz_{t + W-1-j}
+    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for s in tl.static_range(W):
+        b_dz = _conv_dz(x, cache, weight, bias, dy, i_n, bos, o_t + s, L, o_d, m_d, D, W, BT, BD, HAS_CACHE, HAS_BIAS, SILU)
+        b_w = tl.load(weight + o_d * W + (W - 1 - s), mask=m_d, other=0).to(tl.float32)
+        b_dx += b_w[None, :] * b_dz
+        if s == 0:
+            # this tile's own dz: its share of dw and db
+            i_p = (i_b * NT + i_t).to(tl.int64)
+            if STORE_DB:
+                tl.store(db + i_p * D + o_d, tl.sum(b_dz, axis=0), mask=m_d)
+            if STORE_DW:
+                for j in tl.static_range(W):
+                    b_x = _conv_input(x, cache, i_n, bos, o_t - (W - 1) + j, L, o_d, m_d, D, W, HAS_CACHE)
+                    tl.store(dw + i_p * D * W + o_d * W + j, tl.sum(b_dz * b_x, axis=0), mask=m_d)
+    tl.store(dx + (bos + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
+
+    if STORE_DCACHE:
+        if i_c == 0:
+            # the W-1 prefix positions -(W-1)..-1 are cache slots 1..W-1
+            o_c = tl.arange(0, BC) - (W - 1)
+            m_c = o_c < 0
+            b_dc = tl.zeros([BC, BD], dtype=tl.float32)
+            for s in tl.static_range(W):
+                b_dz = _conv_dz(x, cache, weight, bias, dy, i_n, bos, o_c + s, L, o_d, m_d, D, W, BC, BD, HAS_CACHE, HAS_BIAS, SILU)
+                b_w = tl.load(weight + o_d * W + (W - 1 - s), mask=m_d, other=0).to(tl.float32)
+                b_dc += b_w[None, :] * b_dz
+            p_dc = dcache + i_n.to(tl.int64) * D * W + o_d[None, :] * W + (W + o_c)[:, None]
+            tl.store(p_dc, b_dc.to(dcache.dtype.element_ty), mask=m_c[:, None] & m_d[None, :])
+
+
+def _conv_grid(x: torch.Tensor, D: int, cu_seqlens):
+    B, T = x.shape[:2]
+    BT = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
+    BD = min(BLOCK_D, max(16, triton.next_power_of_2(D)))
+    if cu_seqlens is not None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+        NT = chunk_indices.shape[0]
+    else:
+        chunk_indices, NT = None, triton.cdiv(T, BT)
+    return BT, BD, NT, chunk_indices
+
+
+def short_conv_fwd(x, weight, bias, cache, cu_seqlens, silu: bool) -> torch.Tensor:
+    """Launch the forward kernel: ``x [B, T, D]`` contiguous, ``weight [D, W]``. Returns ``y`` like ``x``."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    BT, BD, NT, chunk_indices = _conv_grid(x, D, cu_seqlens)
+    y = torch.empty_like(x)
+    short_conv_fwd_kernel[(triton.cdiv(D, BD), NT, B)](
+        x, cache, weight, bias, y, cu_seqlens, chunk_indices, T,
+        D=D, W=W, BT=BT, BD=BD, HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, SILU=silu,
+        IS_VARLEN=cu_seqlens is not None, num_warps=4,
+    )
+    return y
+
+
+def short_conv_bwd(dy, x, weight, bias, cache, cu_seqlens, silu: bool, need_dw: bool, need_db: bool,
+                   need_dcache: bool):
+    """Launch the backward kernel. Returns ``(dx, dweight [D, W] or None, dbias or None, dcache or None)``."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    BT, BD, NT, chunk_indices = _conv_grid(x, D, cu_seqlens)
+    P = B * NT
+    dx = torch.empty_like(x)
+    need_dcache = need_dcache and cache is not None
+    dcache = torch.zeros_like(cache) if need_dcache else None
+    dw = torch.empty(P, D, W, dtype=torch.float32, device=x.device) if need_dw else None
+    db = torch.empty(P, D, dtype=torch.float32, device=x.device) if need_db else None
+    short_conv_bwd_kernel[(triton.cdiv(D, BD), NT, B)](
+        x, cache, weight, bias, dy, dx, dcache, dw, db, cu_seqlens, chunk_indices, T, NT,
+        D=D, W=W, BT=BT, BD=BD, BC=triton.next_power_of_2(max(W - 1, 1)),
+        HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, SILU=silu, IS_VARLEN=cu_seqlens is not None,
+        STORE_DCACHE=need_dcache and W > 1, STORE_DW=need_dw, STORE_DB=need_db, num_warps=4,
+    )
+    return dx, (dw.sum(0) if need_dw else None), (db.sum(0) if need_db else None), dcache
+
+
+class ShortConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cache, cu_seqlens, silu):
+        x = x.contiguous()
+        weight = weight.contiguous()
+        cache = cache.contiguous() if cache is not None else None
+        ctx.save_for_backward(x, weight, bias, cache, cu_seqlens)
+        ctx.silu = silu
+        return short_conv_fwd(x, weight, bias, cache, cu_seqlens, silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, cache, cu_seqlens = ctx.saved_tensors
+        dx, dw, db, dcache = short_conv_bwd(
+            dy.contiguous(), x, weight, bias, cache, cu_seqlens, ctx.silu,
+            need_dw=ctx.needs_input_grad[1], need_db=bias is not None and ctx.needs_input_grad[2],
+            need_dcache=ctx.needs_input_grad[3],
+        )
+        return (dx, dw.to(weight.dtype) if dw is not None else None, db.to(bias.dtype) if db is not None else None,
+                dcache, None, None)
+
+
+def _final_cache(x: torch.Tensor, cache: torch.Tensor | None, cu_seqlens: torch.Tensor | None, W: int) -> torch.Tensor:
+    """The last ``W`` inputs of every sequence ``[N, D, W]`` (oldest first; the cache, then zeros, before
+    the start), gathered with autograd; in ``x``'s dtype."""
+    B, T, D = x.shape
+    if cu_seqlens is None:
+        bos = torch.zeros(B, dtype=torch.long, device=x.device)
+        eos = torch.full((B,), T, dtype=torch.long, device=x.device)
+        rows = torch.arange(B, device=x.device)[:, None] * T
+    else:
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        bos, eos = cu[:-1], cu[1:]
+        rows = torch.zeros(1, dtype=torch.long, device=x.device)[:, None]
+    rel = (eos - bos)[:, None] - W + torch.arange(W, device=x.device)  # [N, W] sequence-relative positions
+    flat = x.reshape(B * T, D)
+    out = flat[(rows + bos[:, None] + rel).clamp_min(0)]  # [N, W, D]
+    out = torch.where((rel >= 0)[..., None], out, out.new_zeros(()))
+    if cache is not None:
+        from_cache = cache.to(x.dtype).gather(-1, (W + rel).clamp(0, W - 1)[:, None, :].expand(-1, D, -1))
+        ok = ((rel < 0) & (rel > -W))[:, None, :]
+        return torch.where(ok, from_cache, out.transpose(1, 2)).contiguous()
+    return out.transpose(1, 2).contiguous()
 
 
 class ShortConvolution(nn.Conv1d):
@@ -91,6 +309,11 @@ class ShortConvolution(nn.Conv1d):
         N = check_cu_seqlens(cu_seqlens, B, T)
         self._check(x, cache, N)
         W = self.width
+        if use_triton(x) and x.dtype != torch.float64:
+            bias = self.bias if self.bias is not None else None
+            cu = cu_seqlens.to(device=x.device, dtype=torch.int32) if cu_seqlens is not None else None
+            y = ShortConvFunction.apply(x, self.weight.reshape(D, W), bias, cache, cu, self.activation is not None)
+            return y, (_final_cache(x, cache, cu_seqlens, W) if output_final_state else None)
         weight = self.weight.to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         xt = x.transpose(1, 2)  # [B, D, T]

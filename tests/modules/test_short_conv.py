@@ -1,13 +1,41 @@
 """ShortConvolution: causal depthwise conv against a float64 loop; decode with the cache equals the full
-forward; packed sequences do not leak into each other."""
+forward; packed sequences do not leak into each other.
+
+Under ``TRITON_INTERPRET=1`` (or on CUDA) the ``triton``-marked cases must run the Triton kernels: spies
+on the forward and backward launchers count their calls."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fla_gsa.modules.convolution as convolution
 from fla_gsa.modules import ShortConvolution
-from conftest import DEVICE, assert_rel
+from conftest import DEVICE, INTERPRET, assert_rel
+
+TRITON = INTERPRET or DEVICE.type == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def kernel_calls(request, monkeypatch):
+    """Count launches of the forward and backward kernels; a ``triton`` case that should run the
+    forward kernel and never did fails."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = convolution.short_conv_fwd, convolution.short_conv_bwd
+
+    def spy_fwd(*args, **kwargs):
+        calls["fwd"] += 1
+        return fwd(*args, **kwargs)
+
+    def spy_bwd(*args, **kwargs):
+        calls["bwd"] += 1
+        return bwd(*args, **kwargs)
+
+    monkeypatch.setattr(convolution, "short_conv_fwd", spy_fwd)
+    monkeypatch.setattr(convolution, "short_conv_bwd", spy_bwd)
+    yield calls
+    if TRITON and request.node.get_closest_marker("triton") is not None:
+        assert calls["fwd"] > 0, "the Triton short-convolution kernel never ran"
 
 
 def ref_conv(x, weight, bias, cache=None, activation="silu"):
@@ -37,7 +65,7 @@ def make_conv(D, W, bias, activation="silu"):
 @pytest.mark.triton
 @pytest.mark.parametrize("W,bias,activation", [(4, False, "silu"), (3, True, None), (1, True, "silu")])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_forward_and_grads(W, bias, activation, use_cache):
+def test_forward_and_grads(W, bias, activation, use_cache, kernel_calls):
     B, T, D = 2, 13, 100
     conv = make_conv(D, W, bias, activation)
     x = torch.randn(B, T, D, device=DEVICE, requires_grad=True)
@@ -57,6 +85,8 @@ def test_forward_and_grads(W, bias, activation, use_cache):
         assert_rel(f"d{name}", g, rg, 1e-5)
     if use_cache:
         assert torch.equal(cache.detach(), cache0)
+    if TRITON:
+        assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
 @pytest.mark.triton
@@ -122,6 +152,63 @@ def test_varlen_no_leak(use_cache):
     ref_grads = torch.autograd.grad((ref * dy).sum(), tracked)
     for name, g, rg in zip(["x", "weight", "cache"], grads, ref_grads):
         assert_rel(f"d{name}", g, rg, 1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("varlen", [False, True])
+def test_many_tiles(varlen, monkeypatch, kernel_calls):
+    """Small tiles (16 tokens × 16 channels): taps, dx and the cache gradient cross tile boundaries, and
+    dw / db are summed over many per-tile partials."""
+    monkeypatch.setattr(convolution, "BLOCK_T", 16)
+    monkeypatch.setattr(convolution, "BLOCK_D", 16)
+    D, W = 40, 4
+    lens = [37, 3, 20] if varlen else [45, 45]
+    conv = make_conv(D, W, True)
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE) if varlen else None
+    x = torch.randn(B, T, D, device=DEVICE, requires_grad=True)
+    cache = torch.randn(len(lens), D, W, device=DEVICE, requires_grad=True)
+    y, final = conv(x, cache=cache, output_final_state=True, cu_seqlens=cu)
+    refs, ref_finals = [], []
+    for n, L in enumerate(lens):
+        xs = x[:, cu[n]:cu[n + 1]] if varlen else x[n:n + 1]
+        r, rf = ref_conv(xs, conv.weight, conv.bias, cache[n:n + 1])
+        refs.append(r)
+        ref_finals.append(rf)
+    ref = torch.cat(refs, 1 if varlen else 0)
+    ref_final = torch.cat(ref_finals, 0)
+    assert_rel("y", y, ref, 1e-5)
+    assert torch.equal(final, ref_final.float())
+    dy, dfinal = torch.randn_like(ref), torch.randn_like(ref_final)
+    tracked = [x, conv.weight, conv.bias, cache]
+    grads = torch.autograd.grad((y.double() * dy).sum() + (final.double() * dfinal).sum(), tracked)
+    ref_grads = torch.autograd.grad((ref * dy).sum() + (ref_final * dfinal).sum(), tracked)
+    for name, g, rg in zip(["x", "weight", "bias", "cache"], grads, ref_grads):
+        assert_rel(f"d{name}", g, rg, 1e-5)
+    if TRITON:
+        assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.triton
+def test_bf16_grads_match_fp32():
+    """bf16 inputs and weights (fp32 math inside): close to the fp32 result, gradients in bf16."""
+    D, W = 24, 4
+    conv = make_conv(D, W, True)
+    conv16 = make_conv(D, W, True).to(torch.bfloat16)
+    with torch.no_grad():
+        conv16.weight.copy_(conv.weight)
+        conv16.bias.copy_(conv.bias)
+    x = torch.randn(2, 19, D, device=DEVICE).bfloat16()
+    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y16, _ = conv16(x16)
+    y32, _ = conv(x32)
+    dy = torch.randn_like(y32)
+    g16 = torch.autograd.grad(y16, (x16, conv16.weight, conv16.bias), dy.bfloat16())
+    g32 = torch.autograd.grad(y32, (x32, conv.weight, conv.bias), dy)
+    assert y16.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in g16)
+    assert_rel("y", y16, y32, 1e-2)
+    for name, g, rg in zip(["x", "weight", "bias"], g16, g32):
+        assert_rel(f"d{name}", g, rg, 1e-2)
 
 
 def test_bad_inputs():

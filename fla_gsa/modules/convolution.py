@@ -140,9 +140,12 @@ def short_conv_bwd_kernel(
             m_c = o_c < 0
             b_dc = tl.zeros([BC, BD], dtype=tl.float32)
             for s in tl.static_range(W):
-                b_dz = _conv_dz(x, cache, weight, bias, dy, i_n, bos, o_c + s, L, o_d, m_d, D, W, BC, BD, HAS_CACHE, HAS_BIAS, SILU)
+                # a name of its own: Triton's compiler rejects a variable whose tile shape changes
+                # inside a runtime branch (b_dz is [BT, BD] above)
+                b_dzc = _conv_dz(x, cache, weight, bias, dy, i_n, bos, o_c + s, L, o_d, m_d, D, W, BC, BD, HAS_CACHE,
+                                 HAS_BIAS, SILU)
                 b_w = tl.load(weight + o_d * W + (W - 1 - s), mask=m_d, other=0).to(tl.float32)
-                b_dc += b_w[None, :] * b_dz
+                b_dc += b_w[None, :] * b_dzc
             p_dc = dcache + i_n.to(tl.int64) * D * W + o_d[None, :] * W + (W + o_c)[:, None]
             tl.store(p_dc, b_dc.to(dcache.dtype.element_ty), mask=m_c[:, None] & m_d[None, :])
 

@@ -107,20 +107,11 @@ class ABCAttention(RecurrentLayer):
         self.use_short_conv = use_short_conv
 
         H, HQ, K, M = self.num_kv_heads, self.num_heads, self.head_dim, self.num_slots
-        self.q_proj = nn.Linear(hidden_size, HQ * K, bias=attention_bias)
-        self.k_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
-        self.v_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
+        self.make_projections(hidden_size, attention_bias, use_short_conv, conv_size, conv_bias)
         self.s_proj = nn.Linear(hidden_size, H * M, bias=False)
         self.g_proj = nn.Linear(hidden_size, HQ * K, bias=False)
-        if use_short_conv:
-            self.convs = self.make_convs((HQ * K, H * K, H * K), conv_size, conv_bias)
         self.rotary = RotaryEmbedding(K, base=rope_theta) if use_rope else None
         self.g_norm = FusedRMSNormGated(K, eps=norm_eps)
-        self.o_proj = nn.Linear(HQ * K, hidden_size, bias=attention_bias)
-
-    @property
-    def o_shape(self):
-        return (self.num_heads, self.head_dim)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "

@@ -27,9 +27,24 @@ class RecurrentLayer(nn.Module):
         super().__init__()
         self.convs: nn.ModuleList | None = None  # an instance attribute: a class one would hide the module
 
-    def make_convs(self, sizes, conv_size: int, conv_bias: bool) -> nn.ModuleList:
-        return nn.ModuleList(ShortConvolution(d, kernel_size=conv_size, bias=conv_bias, activation="silu")
-                             for d in sizes)
+    def make_projections(self, hidden_size: int, bias: bool, use_short_conv: bool, conv_size: int,
+                         conv_bias: bool) -> None:
+        """The projections every recurrent layer shares, each head ``head_dim`` wide: q to the query
+        heads, k and v to the key/value heads, o back to ``hidden_size``; and, if asked, the short
+        causal convolutions of q, k and v."""
+        H, HQ, K = self.num_kv_heads, self.num_heads, self.head_dim
+        self.q_proj = nn.Linear(hidden_size, HQ * K, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, H * K, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, H * K, bias=bias)
+        self.o_proj = nn.Linear(HQ * K, hidden_size, bias=bias)
+        if use_short_conv:
+            self.convs = nn.ModuleList(ShortConvolution(d, kernel_size=conv_size, bias=conv_bias, activation="silu")
+                                       for d in (HQ * K, H * K, H * K))
+
+    @property
+    def o_shape(self):
+        """Per-token shape of the token mixer's output before ``o_proj``: (query heads, head dim)."""
+        return (self.num_heads, self.head_dim)
 
     # -- what a subclass provides ------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -73,20 +73,11 @@ class GatedLinearAttention(RecurrentLayer):
         self.use_short_conv = use_short_conv
 
         H, HQ, K = self.num_kv_heads, self.num_heads, self.head_dim
-        self.q_proj = nn.Linear(hidden_size, HQ * K, bias=attention_bias)
-        self.k_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
-        self.v_proj = nn.Linear(hidden_size, H * K, bias=attention_bias)
+        self.make_projections(hidden_size, attention_bias, use_short_conv, conv_size, conv_bias)
         self.g_proj = nn.Linear(hidden_size, HQ * K, bias=False)
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, H * K, bias=True))
-        if use_short_conv:
-            self.convs = self.make_convs((HQ * K, H * K, H * K), conv_size, conv_bias)
         self.g_norm = FusedRMSNormGated(K, eps=norm_eps)
-        self.o_proj = nn.Linear(HQ * K, hidden_size, bias=attention_bias)
-
-    @property
-    def o_shape(self):
-        return (self.num_heads, self.head_dim)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "

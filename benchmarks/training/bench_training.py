@@ -72,9 +72,6 @@ def run(name, cfg, B, T, steps, warmup, device):
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     finite = all(math.isfinite(v) for v in losses)
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return dict(model=name, params_m=params / 1e6, B=B, T=T, tokens_per_s=steps * B * T / dt, peak_gib=peak,
                 warmup_s=first_s, loss_first=losses[0], loss_last=losses[-1], finite=finite)
 
@@ -96,6 +93,8 @@ def main(argv=None):
     rows = []
     for name in a.models.split(","):
         r = run(name, cfgs[name], B, a.T, a.steps, a.warmup, device)
+        if device.type == "cuda":  # the model and optimizer of this run are gone: hand their memory back
+            torch.cuda.empty_cache()
         rows.append(r)
         print(f"[train] {r}", flush=True)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

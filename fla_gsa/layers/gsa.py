@@ -11,7 +11,6 @@ initialization, so memories last for tens of tokens from the start.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -87,7 +86,7 @@ class GatedSlotAttention(RecurrentLayer):
         self.layer_idx = layer_idx
         self.use_short_conv = use_short_conv
 
-        H, HQ, K, M = self.num_kv_heads, self.num_heads, self.head_dim, self.num_slots
+        H, K, M = self.num_kv_heads, self.head_dim, self.num_slots
         self.make_projections(hidden_size, attention_bias, use_short_conv, conv_size, conv_bias)
         self.f_proj = nn.Linear(hidden_size, H * M, bias=gate_bias)
         self.g_norm = RMSNorm(K, eps=norm_eps)

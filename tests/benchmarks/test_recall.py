@@ -320,7 +320,7 @@ def test_trainer_learns_an_easy_recall_task(tmp_path):
 
 
 def test_dry_run_and_filters(capsys):
-    from benchmarks.recall.train import main, parse_args
+    from benchmarks.recall.train import parse_args
     args = parse_args(["--preset", "reduced", "--models", "gsa,attention", "--d-models", "64,256"])
     assert [s.name for s in args.specs] == ["gsa-d64-h2-m16", "gsa-d256-h2-m64", "attention-d64-h2",
                                             "attention-d256-h2"]

@@ -60,7 +60,6 @@ def chunk_linear_attn_torch(
         for float64 inputs) or None. Inputs are validated by the caller and never modified.
     """
     B, T, HQ, K = q.shape
-    H = k.shape[2]
     # float64 inputs give a float64 computation (a reference); anything else accumulates in float32.
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
 

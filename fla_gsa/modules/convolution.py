@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
-from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import chunk_bounds
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -154,11 +154,7 @@ def _conv_grid(x: torch.Tensor, D: int, cu_seqlens):
     B, T = x.shape[:2]
     BT = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
     BD = min(BLOCK_D, max(16, triton.next_power_of_2(D)))
-    if cu_seqlens is not None:
-        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
-        NT = chunk_indices.shape[0]
-    else:
-        chunk_indices, NT = None, triton.cdiv(T, BT)
+    NT, chunk_indices = chunk_grid(cu_seqlens, T, BT)
     return BT, BD, NT, chunk_indices
 
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.backend import dot_precision
-from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import broadcast_lt, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
 
 
@@ -207,8 +207,7 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     HQ = A.shape[2]
     BT = chunk_size
     BC = 16 if gy is not None else BT
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(prepare_chunk_indices(cu_seqlens, BT))
-    indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
+    NT, indices = chunk_grid(cu_seqlens, T, BT)
     # m is [NT, H, K, V]; lower/upper read it as [DP, DY] through strides
     S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
     y = p.new_empty(B, T, heads, DY, dtype=out_dtype)

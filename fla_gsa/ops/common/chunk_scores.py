@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.backend import dot_precision
-from fla_gsa.ops.utils.index import prepare_chunk_indices
+from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
 
 
@@ -91,8 +91,7 @@ def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
     H = k.shape[2]
     BT = chunk_size
     BC = 16 if g is not None else BT
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(prepare_chunk_indices(cu_seqlens, BT))
-    indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
+    NT, indices = chunk_grid(cu_seqlens, T, BT)
     A = q.new_empty(B, T, HQ, BT, dtype=torch.float32)
     BD = min(64, next_pow2(D))
     grid = (NT * (BT // BC), B * HQ)

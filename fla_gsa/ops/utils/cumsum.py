@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_chunk_size, check_cu_seqlens, check_tensor
-from fla_gsa.ops.utils.index import prepare_chunk_indices, seq_bounds
+from fla_gsa.ops.utils.index import chunk_grid, seq_bounds
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, next_pow2
 from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 
@@ -106,8 +106,7 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, exclusive=F
     BD = min(next_pow2(D, 1), 64)
     common = dict(H=H, D=D, BD=BD, REVERSE=reverse, HAS_SCALE=scale is not None, IS_VARLEN=cu_seqlens is not None)
     if chunk_size is not None:
-        NT = len(prepare_chunk_indices(cu_seqlens, chunk_size)) if cu_seqlens is not None else triton.cdiv(T, chunk_size)
-        indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+        NT, indices = chunk_grid(cu_seqlens, T, chunk_size)
         grid = (triton.cdiv(D, BD), NT, B * H)
         chunk_local_cumsum_kernel[grid](g4, o, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size,
                                         EXCLUSIVE=exclusive, **common)

@@ -12,17 +12,18 @@ def prepare_lens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def _cached(fn):
-    # Layers call the ops several times per step with the same cu_seqlens; key on the tensor's
-    # identity and version so the host round trip happens once.
+    # Layers call the ops several times per step with the same cu_seqlens; key on the tensor's identity
+    # and version (and the other arguments) so the host round trip happens once. cu_seqlens may be None.
     cache: dict = {}
 
     @functools.wraps(fn)
-    def wrapper(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        key = (id(cu_seqlens), cu_seqlens._version, cu_seqlens.device, chunk_size)
+    def wrapper(cu_seqlens: torch.Tensor | None, *args):
+        ident = None if cu_seqlens is None else (id(cu_seqlens), cu_seqlens._version, cu_seqlens.device)
+        key = (ident, args)
         hit = cache.get(key)
         if hit is not None and hit[0] is cu_seqlens:
             return hit[1]
-        out = fn(cu_seqlens, chunk_size)
+        out = fn(cu_seqlens, *args)
         if len(cache) > 16:
             cache.clear()
         cache[key] = (cu_seqlens, out)
@@ -55,27 +56,25 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[in
     return [(0, c[n], c[n + 1]) for n in range(len(c) - 1)]
 
 
-_ROWS_CACHE: dict = {}
-
-
+@_cached
 def chunk_rows(cu_seqlens: torch.Tensor | None, B: int, T: int, chunk_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(last, of_row)``: the flat row index (over ``B * T``) of every chunk's last row, ``[NT_total]``,
     and the global chunk index of every row, ``[B * T]``; chunks numbered as in the state tensors."""
-    key = (None if cu_seqlens is None else (id(cu_seqlens), cu_seqlens._version), B, T, chunk_size, str(device))
-    hit = _ROWS_CACHE.get(key)
-    if hit is not None and (cu_seqlens is None or hit[0] is cu_seqlens):
-        return hit[1]
-    bounds = seq_bounds(cu_seqlens, B, T)
     last, of_row, n0 = [], [], 0
-    for b, bos, eos in bounds:
+    for b, bos, eos in seq_bounds(cu_seqlens, B, T):
         base = b * T + bos
         L = eos - bos
         nt = (L + chunk_size - 1) // chunk_size
         last += [base + min((c + 1) * chunk_size, L) - 1 for c in range(nt)]
         of_row += [n0 + t // chunk_size for t in range(L)]
         n0 += nt
-    out = (torch.tensor(last, device=device), torch.tensor(of_row, device=device))
-    if len(_ROWS_CACHE) > 16:
-        _ROWS_CACHE.clear()
-    _ROWS_CACHE[key] = (cu_seqlens, out)
-    return out
+    return torch.tensor(last, device=device), torch.tensor(of_row, device=device)
+
+
+def chunk_grid(cu_seqlens: torch.Tensor | None, T: int, chunk_size: int) -> tuple[int, torch.Tensor | None]:
+    """``(NT, chunk_indices)`` for a per-chunk kernel launch: ``NT`` chunks per batch row (fixed length,
+    no index list) or in all (varlen, with ``prepare_chunk_indices``)."""
+    if cu_seqlens is None:
+        return (T + chunk_size - 1) // chunk_size, None
+    indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    return len(indices), indices

@@ -113,8 +113,23 @@ def bench_decode(lib, fn, B, a, rows):
     s = 1 - g.float().exp().to(torch.bfloat16)
     state = (torch.randn(B, H, K, M, device=dev), torch.randn(B, H, M, V, device=dev))
     with torch.no_grad():
-        ms = _time(lambda: fn(q, k, v, s, g, initial_state=state, output_final_state=True))
-    rows.append(dict(op="gsa", mode="decode", B=B, T=1, lib=lib, ms=ms))
+        step = lambda: fn(q, k, v, s, g, initial_state=state, output_final_state=True)  # noqa: E731
+        ms = _time(step)
+        rows.append(dict(op="gsa", mode="decode", B=B, T=1, lib=lib, ms=ms, host_us=_host_us(step)))
+
+
+def _host_us(fn, n=1000):
+    """Host (Python + launch) microseconds per call, the GPU kept busy: what a decoding loop pays when
+    it is not captured in a CUDA graph. ``do_bench`` hides it behind its cache flush."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host / n * 1e6
 
 
 def bench_sdpa(B, T, rows, modes):
@@ -155,6 +170,15 @@ def main(argv=None):
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     libs = _libs(a.libs.split(","))
     rows: list[dict] = []
+    try:
+        _run(a, ops, modes, shapes, libs, rows)
+    except KeyboardInterrupt:  # still report what was measured
+        print("[bench] interrupted; the table has the cases measured so far", file=sys.stderr)
+    _report(a, rows)
+    return rows
+
+
+def _run(a, ops, modes, shapes, libs, rows):
     t0 = time.time()
     for B, T in shapes:
         for op in [o for o in ops if o in ("gsa", "gla", "abc")]:
@@ -171,6 +195,8 @@ def main(argv=None):
                 bench_decode(lib, table["decode"], B, a, rows)
                 print(f"[bench] {rows[-1]} ({time.time() - t0:.0f}s)", flush=True)
 
+
+def _report(a, rows):
     # ratio of every fla_gsa row to the matching fla row
     ref = {(r["op"], r["mode"], r["B"], r["T"]): r["ms"] for r in rows if r["lib"] == "fla"}
     for r in rows:
@@ -179,15 +205,17 @@ def main(argv=None):
 
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{time.strftime('%Y-%m-%d')} | python {platform.python_version()}")
-    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':8} {'ms':>9} {'x fla':>7} {'peak MB':>9}")
+    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':8} {'ms':>9} {'x fla':>7} {'peak MB':>9} {'host us':>8}")
     for r in rows:
         ratio = f"{r['vs_fla']:.2f}" if r.get("vs_fla") else ""
         mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
-        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:8} {r['ms']:9.3f} {ratio:>7} {mb:>9}")
+        host = f"{r['host_us']:.0f}" if r.get("host_us") is not None else ""
+        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:8} {r['ms']:9.3f} {ratio:>7} "
+              f"{mb:>9} {host:>8}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "bench_ops.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["op", "mode", "B", "T", "lib", "ms", "vs_fla", "peak_mb"])
+            w = csv.DictWriter(f, fieldnames=["op", "mode", "B", "T", "lib", "ms", "vs_fla", "peak_mb", "host_us"])
             w.writeheader()
             w.writerows(rows)
         _plot(rows, os.path.join(a.out, "bench_ops.png"))

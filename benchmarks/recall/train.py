@@ -27,6 +27,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: shards there need separate --out folders
+    fcntl = None
+
 from benchmarks.recall.models import (DEFAULT_GRID, KINDS, ModelSpec, build_model, conv_state_size, num_params,
                                       state_size)
 from benchmarks.recall.mqar import MQARSlice, make_split
@@ -229,14 +234,21 @@ def read_done(csv_path: str) -> set:
 
 
 def append_rows(csv_path: str, rows: list[dict]) -> None:
-    new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+    """Append ``rows`` (with the header if the file is new) under an exclusive lock: the shards of a
+    sweep (``--shard``) write one CSV from several processes."""
     with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fmt_s(s: float) -> str:
@@ -275,6 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="data and initialization seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (smoke: 1, robust on a busy machine)")
+    p.add_argument("--shard", help="I/N: run only every N-th run, starting at I (0-based); start N processes "
+                   "with the same arguments and I = 0..N-1 to share one GPU or several, all writing one CSV")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and whether done) and exit")
     args = p.parse_args(argv)
@@ -310,6 +324,14 @@ def parse_args(argv=None):
     if not specs:
         p.error("no model left after --models/--d-models")
     args.specs = specs
+    args.shard_index, args.shard_count = 0, 1
+    if args.shard:
+        try:
+            args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            p.error(f"--shard must be I/N, got {args.shard!r}")
+        if not 0 <= args.shard_index < args.shard_count:
+            p.error(f"--shard I/N needs 0 <= I < N, got {args.shard!r}")
     return args
 
 
@@ -338,6 +360,7 @@ def sweep(args) -> int:
     done = read_done(csv_path)
 
     runs = [(spec, lr) for spec in args.specs for lr in args.lrs]
+    runs = runs[args.shard_index::args.shard_count]
     todo = []
     for spec, lr in runs:
         run_id = f"{spec.name}-lr{lr:g}-s{args.seed}"

@@ -306,6 +306,24 @@ def test_smoke_run_writes_csv_and_resumes(tmp_path):
     assert len(after) == len(rows) + 2 and {r["model"] for r in after[len(rows):]} == {"gsa"}
 
 
+def test_shards_split_the_runs_and_share_one_csv(tmp_path):
+    """Two shard processes run at once into one folder: every run once, one header, nothing torn."""
+    out = tmp_path / "shards"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "benchmarks.recall.train", "--smoke", "--out", str(out), "--no-plot"]
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "[3/3]" in logs[0] and "[2/2]" in logs[1]  # 5 runs: 3 for shard 0, 2 for shard 1
+    rows = _read(out / "results.csv")
+    assert len(rows) == 5 * 2 and {r["model"] for r in rows} == set(KINDS)
+    assert (out / "results.csv").read_text().count("run_id,") == 1
+    from benchmarks.recall.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--smoke", "--shard", "2/2"])
+
+
 def test_trainer_learns_an_easy_recall_task(tmp_path):
     """A small GSA model learns a small-vocabulary MQAR well above chance in ~100 CPU steps: the
     targets are learnable, so labels and positions line up."""

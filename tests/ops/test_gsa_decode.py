@@ -57,6 +57,26 @@ def test_consecutive_steps(B, HQ, H, K, V, M):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("B", [130, 70])
+def test_value_blocks_grouped(B):
+    """Batches large enough that each program takes several value blocks (one group of 4 blocks at
+    B=130, two groups of 2 at B=70, on the 128 SMs assumed off-GPU), V=200 leaving the last block
+    partly masked."""
+    from fla_gsa.ops.gsa.decode import _decode_config
+
+    HQ, H, K, V, M = 4, 2, 16, 200, 16
+    grid, meta = _decode_config(B, H, HQ // H, K, M, V, -1)
+    assert meta["NVB"] > 1 and grid[0] * meta["NVB"] * meta["BV"] >= V
+    x = make_step(B, HQ, H, K, V, M)
+    hk0, hv0 = torch.randn(B, H, K, M, device=DEVICE), torch.randn(B, H, M, V, device=DEVICE)
+    o, (hk, hv) = fused_gsa_decode(**x, hk=hk0, hv=hv0)
+    ref_o, ref_hk, ref_hv = reference_step(**x, scale=K ** -0.5, hk=hk0, hv=hv0)
+    assert_rel("o", o, ref_o, 1e-5)
+    assert_rel("hk", hk, ref_hk, 1e-5)
+    assert_rel("hv", hv, ref_hv, 1e-5)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("K, V, M", [(100, 130, 20), (16, 16, 200)])
 def test_wide_dims(K, V, M):
     # K and V wider than one tile; M wider than 64 narrows the K/V tiles

@@ -11,14 +11,14 @@ The Triton path composes the steps of the chunked algorithm (one file each):
     backward: dh = chunk_bwd_dh(q, do)                        states' gradients at chunk ends
               dA = chunk_scores(do, v, Gv)
               dv = upper(k, dh, do, A)     dq = lower(do, h^T, k, dA)     dk = upper(v, dh^T, q, dA)
-              dg = gate gradients, chunk by chunk (below)
+              dg = chunk_gate_grad(...)                       (chunk_dg.py) chunk by chunk (below)
 
 Gate gradients. With ``S_t^- = Diag(e^{gk_t}) S_{t-1} Diag(e^{gv_t})`` (the state before step t's write)
 and ``dS_t`` the gradient of ``S_t``, exactly ``dgk_t = sum_v S_t^- ⊙ dS_t`` and ``dgv_t = sum_k S_t^- ⊙ dS_t``:
 a sum over the pairs (i, j), ``j < t <= i``, of a write j and a read i (or the initial / final state). For
 t in chunk n they split into four groups, each computed without cancelling large terms:
 
-    pairs skipping the chunk          <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>          one value per chunk
+    pairs skipping the chunk          <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>          one value per chunk (in the dh scan)
     read in chunk, write before it    revcumsum_chunk(q ⊙ dq_state)
     write in chunk, read after it     exclusive cumsum_chunk(k ⊙ dk_state)
     both in the chunk                 revcumsum_chunk(q ⊙ dq_offdiag - k ⊙ dk_offdiag)
@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import torch
 
+from fla_gsa.ops.common.chunk_dg import chunk_gate_grad
 from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
 from fla_gsa.ops.common.chunk_scores import chunk_scores
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
-from fla_gsa.ops.utils.index import chunk_rows
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -70,47 +70,29 @@ def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seql
     return Gk, Gv, h, A, o, o_nd, ht
 
 
-def _gate_grad(a, da_nd, b, db_nd, db_state, pairs_skipping, cu_seqlens, chunk_size):
-    """One gate's gradient from the four pair groups (module docstring). ``a``/``da_nd`` have the query
-    heads (``q``/``dq`` or ``do``/``o``), ``b``, ``db_nd`` (off-diagonal intra part) and ``db_state``
-    (state part) the key/value heads; ``pairs_skipping`` is one ``[H, D]`` row per row of the input."""
-    B, T, H, D = b.shape
-    x = (a.float() * da_nd).view(B, T, H, -1, D).sum(3) - b.float() * db_nd
-    dg = cumsum_fwd(x, chunk_size, reverse=True, cu_seqlens=cu_seqlens)
-    dg += cumsum_fwd(b.float() * db_state, chunk_size, cu_seqlens=cu_seqlens, exclusive=True)
-    return dg + pairs_skipping.view(B, T, H, D)
-
-
 def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
-              need_dgk, need_dgv):
+              need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32)):
+    """Gradients ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written so by the kernels), ``dgk, dgv`` in
+    ``gate_dtypes``, ``dh0`` fp32."""
     B, T, H = k.shape[:3]
     cdt = compute_dtype(k, v, q)
     if h is None:  # recompute the chunk-boundary states instead of having kept them
         h, _ = chunk_fwd_h(k, v, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt)
-    dh, dh0 = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H, initial_state is not None,
-                           cdt, cdt)
+    dh, dh0, hdk, hdv = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
+                                     initial_state is not None, cdt, cdt, h, need_dgk, need_dgv)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
-    f32 = torch.float32
-    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, f32, cdt, no_diag=need_dgv)
-    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, f32, cdt, transpose_m=True,
+    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv)
+    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk)
-    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, f32, cdt, transpose_m=True,
+    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk)
     dgk = dgv = None
-    if need_dgk or need_dgv:
-        # pairs skipping a chunk: <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>, then one row per input row
-        last, of_row = chunk_rows(cu_seqlens, B, T, chunk_size, k.device)
-        hd = h.float() * dh.float()  # [NT, H, K, V]
-        if Gk is not None:
-            hd *= Gk.flatten(0, 1)[last].exp()[..., None]
-        if Gv is not None:
-            hd *= Gv.flatten(0, 1)[last].exp()[..., None, :]
     if need_dgk:
         (dq, dq_nd), (dk, dk_nd, dk_st) = dq, dk
-        dgk = _gate_grad(q, dq_nd, k, dk_nd, dk_st, hd.sum(-1)[of_row], cu_seqlens, chunk_size)
+        dgk = chunk_gate_grad(q, dq_nd, k, dk_nd, dk_st, hdk, cu_seqlens, chunk_size, gate_dtypes[0])
     if need_dgv:
         dv, dv_nd, dv_st = dv
-        dgv = _gate_grad(do, o_nd, v, dv_nd, dv_st, hd.sum(-2)[of_row], cu_seqlens, chunk_size)
+        dgv = chunk_gate_grad(do, o_nd, v, dv_nd, dv_st, hdv, cu_seqlens, chunk_size, gate_dtypes[1])
     return dq, dk, dv, dgk, dgv, dh0
 
 
@@ -138,9 +120,8 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         scale, chunk_size, need_dgk, need_dgv, dtypes = ctx.meta
         dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
             q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
-            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv)
-        grads = [g.to(dt) if g is not None else None for g, dt in zip((dq, dk, dv, dgk, dgv, dh0), dtypes)]
-        dq, dk, dv, dgk, dgv, dh0 = grads
+            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5])
+        dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
         return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
 
 

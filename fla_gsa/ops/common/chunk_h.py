@@ -75,11 +75,11 @@ def chunk_fwd_h_kernel(
 
 @triton.jit
 def chunk_bwd_dh_kernel(
-    q, do, gk, gv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, cu_seqlens, chunk_offsets, scale, T, NTT,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_HDK: tl.constexpr, STORE_HDV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -113,6 +113,15 @@ def chunk_bwd_dh_kernel(
         if USE_GV:
             b_gv = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
             b_dh = b_dh * tl.exp(load_row(gv, bos, last, i_h, H, V, o_v, m_v))[None, :]
+        if STORE_HDK or STORE_HDV:
+            # the gate gradients' pairs skipping chunk n: <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>, here the decayed
+            # dh[n] times h[n], summed over this program's V block (dgk) or K block (dgv)
+            p_hd = (boh + i_t) * H + i_h
+            b_hd = tl.load(h + p_hd * K * V + o_kv, mask=m_kv, other=0).to(tl.float32) * b_dh
+            if STORE_HDK:
+                tl.store(hdk + (i_v * NTT * H + p_hd) * K + o_k, tl.sum(b_hd, 1), mask=m_k)
+            if STORE_HDV:
+                tl.store(hdv + (i_k * NTT * H + p_hd) * V + o_v, tl.sum(b_hd, 0), mask=m_v)
         b_acc = tl.zeros([BK, BV], dtype=tl.float32)
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
@@ -127,6 +136,24 @@ def chunk_bwd_dh_kernel(
 
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
+
+
+# Programs a scan launch should have at least (each walks its sequence alone): about two per SM of an
+# H100. Below that, the state tiles shrink from 64 toward 32 to add programs.
+MIN_SCAN_PROGRAMS = 256
+
+
+def scan_blocks(K: int, V: int, NH: int) -> tuple[int, int]:
+    """Tile ``(BK, BV)`` of the state for a scan over ``NH`` (sequence, head) pairs: 64 (or the padded
+    size) unless that leaves fewer than ``MIN_SCAN_PROGRAMS`` programs, then the larger side halves
+    while it stays at least 32."""
+    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
+    while triton.cdiv(K, BK) * triton.cdiv(V, BV) * NH < MIN_SCAN_PROGRAMS and max(BK, BV) > 32:
+        if BK >= BV:
+            BK //= 2
+        else:
+            BV //= 2
+    return BK, BV
 
 
 def _scan_setup(x, cu_seqlens, chunk_size):
@@ -149,7 +176,7 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
     N, NT, offsets = _scan_setup(k, cu_seqlens, chunk_size)
     h = k.new_empty(NT, H, K, V, dtype=states_dtype or k.dtype)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
+    BK, BV = scan_blocks(K, V, N * H)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     chunk_fwd_h_kernel[grid](
         k, v, gk, gv, h, initial_state, ht, cu_seqlens, offsets, T,
@@ -161,21 +188,29 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
 
 
 def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0, compute_dtype,
-                 states_dtype=None):
+                 states_dtype=None, h=None, need_hdk=False, need_hdv=False):
     """Gradients of the state at the end of every chunk, ``dh [NT_total, H, K, V]``, and of the initial
     state ``dh0 [N, H, K, V]`` (fp32) if ``need_dh0``. ``q``/``do`` have ``HQ = G * H`` heads; the
-    group's contributions are summed inside the kernel; products run in ``compute_dtype``."""
+    group's contributions are summed inside the kernel; products run in ``compute_dtype``.
+
+    With the forward states ``h`` and ``need_hdk`` / ``need_hdv``, also the gate gradients' per-chunk
+    term ``<e^{Gk_L} h[n] e^{Gv_L}, dh[n]>`` summed over V (``hdk [NV, NT_total, H, K]``) or over K
+    (``hdv [NK, NT_total, H, V]``), fp32, as partial sums over the ``NV`` / ``NK`` column blocks of the
+    launch (the gate-gradient kernel adds them up). Returns ``(dh, dh0, hdk, hdv)``."""
     B, T, HQ, K = q.shape
     V = do.shape[-1]
     N, NT, offsets = _scan_setup(q, cu_seqlens, chunk_size)
     dh = q.new_empty(NT, H, K, V, dtype=states_dtype or torch.float32)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
-    chunk_bwd_dh_kernel[grid](
-        q, do, gk, gv, dh, dht, dh0, cu_seqlens, offsets, scale, T,
+    BK, BV = scan_blocks(K, V, N * H)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    hdk = q.new_empty(NV, NT, H, K, dtype=torch.float32) if need_hdk else None
+    hdv = q.new_empty(NK, NT, H, V, dtype=torch.float32) if need_hdv else None
+    chunk_bwd_dh_kernel[(NK, NV, N * H)](
+        q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, cu_seqlens, offsets, scale, T, NT,
         H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
-        USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0,
-        IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+        USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, STORE_HDK=need_hdk,
+        STORE_HDV=need_hdv, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype),
+        PREC=dot_precision(compute_dtype), num_warps=4,
     )
-    return dh, dh0
+    return dh, dh0, hdk, hdv

@@ -5,7 +5,7 @@
 stored as ``A [B, T, HQ, BT]`` in fp32 (row ``i``, column ``j - chunk start``). The forward uses it with
 ``(q, k, Gk)``; the backward with ``(do, v, Gv)`` gives the score gradient ``dA``.
 
-Numerics: the rows of a chunk are split into blocks of ``BC = 16``. For columns ``j`` of earlier
+Numerics: the rows of a chunk are split into blocks of ``BC = GATED_BLOCK`` (16). For columns ``j`` of earlier
 blocks the ratio is factored through the block's first row ``r``:
 ``exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j)``, both factors ``<= 1`` (cumsums decrease), so the
 block is one matrix product and nothing overflows however strong the gates. On the diagonal block the
@@ -22,6 +22,9 @@ from fla_gsa.ops.utils.backend import dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
 
+
+# rows per program when the summed side is gated; the diagonal block is formed exactly, row by row
+GATED_BLOCK = 16
 
 @triton.jit
 def chunk_scores_kernel(
@@ -59,7 +62,7 @@ def chunk_scores_kernel(
             b_qg = b_q * tl.exp(tl.where(m_i[:, None], b_gq - b_gr[None, :], float("-inf")))
             b_kg = b_k * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gk), 0)
             b_A += tl.dot(b_qg.to(DT), tl.trans(b_kg.to(DT)), input_precision=PREC)
-            for jj in tl.static_range(BC):
+            for jj in range(0, BC):
                 j = r + jj
                 jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
                 b_kj = load_row(k, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
@@ -90,7 +93,7 @@ def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
     B, T, HQ, D = q.shape
     H = k.shape[2]
     BT = chunk_size
-    BC = 16 if g is not None else BT
+    BC = min(GATED_BLOCK, BT) if g is not None else BT
     NT, indices = chunk_grid(cu_seqlens, T, BT)
     A = q.new_empty(B, T, HQ, BT, dtype=torch.float32)
     BD = min(64, next_pow2(D))

@@ -14,6 +14,8 @@ be captured in a CUDA graph). The caller's states are never written: new ones ar
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,11 +29,12 @@ from fla_gsa.ops.utils.triton_utils import next_pow2
 def fused_gsa_decode_kernel(
     q, k, v, s, g, o, hk0, hv0, hk, hv, scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, M: tl.constexpr, V: tl.constexpr,
-    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
 ):
-    # One program per (value block, batch * kv head). Every value block recomputes the cheap K pass
-    # (the softmax needs all of it); only the first one stores hk'.
+    # One program per (group of NVB value blocks, batch * kv head). Every group recomputes the cheap K
+    # pass (the softmax needs all of it; only the first group stores hk'), so few groups when the batch
+    # alone fills the GPU, one block per group when it does not.
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     HQ: tl.constexpr = H * G
@@ -44,9 +47,10 @@ def fused_gsa_decode_kernel(
     b_a = tl.exp(tl.load(g + i_bh * M + o_m, mask=m_m, other=0).to(tl.float32))  # [BM]
     p_q = q + (i_b * HQ + i_h * G).to(tl.int64) * K
 
-    # pass K: hk' and the slot logits of every query head of the group
+    # pass K: hk' and the slot logits of every query head of the group (unrolled: the loads of all
+    # blocks are in flight together, a one-token step is latency-bound)
     b_ok = tl.zeros([BG, BM], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
+    for i_k in tl.static_range(0, (K + BK - 1) // BK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_hk = m_k[:, None] & m_m[None, :]
@@ -67,40 +71,51 @@ def fused_gsa_decode_kernel(
     b_p = tl.exp(b_ok - tl.max(b_ok, 1)[:, None])
     b_p = b_p / tl.sum(b_p, 1)[:, None]  # [BG, BM]
 
-    # pass V: hv' and the readout
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_hv = m_m[:, None] & m_v[None, :]
-    o_hv = i_bh * M * V + o_m[:, None] * V + o_v[None, :]
-    b_hv = tl.zeros([BM, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_hv += tl.load(hv0 + o_hv, mask=m_hv, other=0).to(tl.float32)
-    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0).to(tl.float32)
-    b_hv = b_hv * b_a[:, None] + b_s[:, None] * b_v[None, :]  # [BM, BV]
-    tl.store(hv + o_hv, b_hv, mask=m_hv)
-    p_o = o + (i_b * HQ + i_h * G).to(tl.int64) * V + o_v
-    for i_g in tl.static_range(G):
-        b_pg = tl.sum(tl.where(o_g[:, None] == i_g, b_p, 0), 0)  # [BM]
-        tl.store(p_o + i_g * V, tl.sum(b_pg[:, None] * b_hv, 0).to(o.dtype.element_ty), mask=m_v)
+    # pass V: hv' and the readout, block by block
+    p_o = o + (i_b * HQ + i_h * G).to(tl.int64) * V
+    for j in tl.static_range(NVB):
+        o_v = (i_v * NVB + j) * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_hv = m_m[:, None] & m_v[None, :]
+        o_hv = i_bh * M * V + o_m[:, None] * V + o_v[None, :]
+        b_hv = tl.zeros([BM, BV], dtype=tl.float32)
+        if USE_INITIAL_STATE:
+            b_hv += tl.load(hv0 + o_hv, mask=m_hv, other=0).to(tl.float32)
+        b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0).to(tl.float32)
+        b_hv = b_hv * b_a[:, None] + b_s[:, None] * b_v[None, :]  # [BM, BV]
+        tl.store(hv + o_hv, b_hv, mask=m_hv)
+        for i_g in tl.static_range(G):
+            b_pg = tl.sum(tl.where(o_g[:, None] == i_g, b_p, 0), 0)  # [BM]
+            tl.store(p_o + i_g * V + o_v, tl.sum(b_pg[:, None] * b_hv, 0).to(o.dtype.element_ty), mask=m_v)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_config(B, H, G, K, M, V, device_index):
+    """Launch constants of one decode shape: tiles, value-block grouping, warps."""
+    BM = next_pow2(M)
+    # Keep each state tile near 4K fp32 values: wide slot counts get narrower K/V tiles.
+    cap = max(16, min(64, 4096 // BM))
+    BK, BV = min(next_pow2(K), cap), min(next_pow2(V), cap)
+    NV = triton.cdiv(V, BV)
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 128
+    groups = max(1, min(NV, triton.cdiv(2 * sms, B * H)))  # about two programs per SM
+    NVB = triton.cdiv(NV, groups)
+    return (triton.cdiv(NV, NVB), B * H), dict(H=H, G=G, K=K, M=M, V=V, BG=triton.next_power_of_2(G), BK=BK,
+                                              BM=BM, BV=BV, NVB=NVB, num_warps=4 if BM * max(BK, BV) > 2048 else 2)
 
 
 def _decode_triton(q, k, v, s, g, scale, hk, hv):
     B, _, HQ, K = q.shape
     H, M, V = k.shape[2], s.shape[-1], v.shape[-1]
-    G = HQ // H
-    BM = next_pow2(M)
-    # Keep each state tile near 4K fp32 values: wide slot counts get narrower K/V tiles.
-    cap = max(16, min(64, 4096 // BM))
-    BK, BV = min(next_pow2(K), cap), min(next_pow2(V), cap)
+    grid, meta = _decode_config(B, H, HQ // H, K, M, V, q.device.index if q.is_cuda else -1)
     o = torch.empty(B, 1, HQ, V, dtype=v.dtype, device=q.device)
-    hk_new = torch.empty(B, H, K, M, dtype=torch.float32, device=q.device)
-    hv_new = torch.empty(B, H, M, V, dtype=torch.float32, device=q.device)
-    fused_gsa_decode_kernel[(triton.cdiv(V, BV), B * H)](
+    states = torch.empty(B * H * M * (K + V), dtype=torch.float32, device=q.device)  # one allocation
+    hk_new = states[:B * H * K * M].view(B, H, K, M)
+    hv_new = states[B * H * K * M:].view(B, H, M, V)
+    fused_gsa_decode_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), o,
         hk.contiguous() if hk is not None else None, hv.contiguous() if hv is not None else None,
-        hk_new, hv_new, scale,
-        H=H, G=G, K=K, M=M, V=V, BG=triton.next_power_of_2(G), BK=BK, BM=BM, BV=BV,
-        USE_INITIAL_STATE=hk is not None, num_warps=4 if BM * max(BK, BV) > 2048 else 2,
+        hk_new, hv_new, scale, USE_INITIAL_STATE=hk is not None, **meta,
     )
     return o, (hk_new, hv_new)
 
@@ -180,8 +195,13 @@ def fused_gsa_decode(
     check_state(hk, "hk", (B, H, K, M), "[B, H, K, M]")
     check_state(hv, "hv", (B, H, M, V), "[B, H, M, V]")
     check_same_device({"q": q, "s": s, "g": g, "hk": hk, "hv": hv})
-    scale = resolve_scale(scale, K)
+    return gsa_decode_unchecked(q, k, v, s, g, resolve_scale(scale, K), hk, hv)
+
+
+def gsa_decode_unchecked(q, k, v, s, g, scale, hk, hv):
+    """:func:`fused_gsa_decode` for callers that validated the arguments already (``scale`` resolved):
+    a decoding step is a few microseconds of GPU work, so checking twice would show."""
+    if use_triton(q):  # a kernel launch records no autograd graph: no grad mode to enter
+        return _decode_triton(q, k, v, s, g, scale, hk, hv)
     with torch.no_grad():
-        if use_triton(q):
-            return _decode_triton(q, k, v, s, g, scale, hk, hv)
         return _decode_torch(q, k, v, s, g, scale, hk, hv)

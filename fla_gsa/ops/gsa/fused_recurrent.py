@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fla_gsa.ops.common.fused_recurrent import fused_recurrent_linear_attn
-from fla_gsa.ops.gsa.decode import fused_gsa_decode
+from fla_gsa.ops.gsa.decode import gsa_decode_unchecked
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 
 
@@ -61,7 +61,7 @@ def fused_recurrent_gsa(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, s, g, hk0, hv0))
     if q.shape[1] == 1 and g is not None and cu_seqlens is None and not needs_grad:
-        o, state = fused_gsa_decode(q, k, v, s, g, scale, hk0, hv0)
+        o, state = gsa_decode_unchecked(q, k, v, s, g, scale, hk0, hv0)
         return o, (state if output_final_state else None)
     if g is None:
         s, g = abc_slot_gates(s, cu_seqlens)

@@ -21,7 +21,7 @@ from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 def chunk_local_cumsum_kernel(
     s, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, EXCLUSIVE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -30,13 +30,7 @@ def chunk_local_cumsum_kernel(
     o_d = i_d * BD + tl.arange(0, BD)
     m = (o_t < T)[:, None] & (o_d < D)[None, :]
     offs = (bos + o_t)[:, None] * H * D + i_h * D + o_d[None, :]
-    if EXCLUSIVE:
-        # sum over s < t within the chunk: load the tile shifted by one row rather than subtracting x_t
-        # from the inclusive sum (which would keep the rounding of a large x_t)
-        m_s = m & (tl.arange(0, BT) > 0)[:, None]
-        b_s = tl.load(s + offs - H * D, mask=m_s, other=0).to(tl.float32)
-    else:
-        b_s = tl.load(s + offs, mask=m, other=0).to(tl.float32)  # [BT, BD]
+    b_s = tl.load(s + offs, mask=m, other=0).to(tl.float32)  # [BT, BD]
     b_o = tl.cumsum(b_s, axis=0)
     if REVERSE:
         b_o = tl.sum(b_s, axis=0)[None, :] - b_o + b_s
@@ -79,7 +73,7 @@ def _as_4d(g: torch.Tensor) -> torch.Tensor:
     return g.unsqueeze(-1) if g.ndim == 3 else g
 
 
-def _torch_cumsum(g, chunk_size, reverse, cu_seqlens, exclusive=False):
+def _torch_cumsum(g, chunk_size, reverse, cu_seqlens):
     """Vectorized PyTorch version: reshape each sequence into chunks (``chunk_size=None``: one chunk)."""
     out = torch.empty_like(g, dtype=torch.float32)
     gf = g.float()
@@ -89,8 +83,6 @@ def _torch_cumsum(g, chunk_size, reverse, cu_seqlens, exclusive=False):
         C = L if chunk_size is None else chunk_size
         pad = (-L) % C
         x = torch.nn.functional.pad(x, (0, 0) * (x.ndim - 1) + (0, pad)).unflatten(0, (-1, C))
-        if exclusive:
-            x = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
         if reverse:
             x = x.flip(1).cumsum(1).flip(1)
         else:
@@ -99,7 +91,7 @@ def _torch_cumsum(g, chunk_size, reverse, cu_seqlens, exclusive=False):
     return out
 
 
-def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, exclusive=False):
+def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
     g4 = _as_4d(g).contiguous()
     B, T, H, D = g4.shape
     o = torch.empty_like(g4, dtype=output_dtype)
@@ -108,8 +100,7 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, exclusive=F
     if chunk_size is not None:
         NT, indices = chunk_grid(cu_seqlens, T, chunk_size)
         grid = (triton.cdiv(D, BD), NT, B * H)
-        chunk_local_cumsum_kernel[grid](g4, o, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size,
-                                        EXCLUSIVE=exclusive, **common)
+        chunk_local_cumsum_kernel[grid](g4, o, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size, **common)
     else:
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         grid = (triton.cdiv(D, BD), N * H)
@@ -117,15 +108,12 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, exclusive=F
     return o.view(g.shape)
 
 
-def cumsum_fwd(g, chunk_size=None, reverse=False, scale=None, cu_seqlens=None, output_dtype=torch.float32,
-               exclusive=False):
+def cumsum_fwd(g, chunk_size=None, reverse=False, scale=None, cu_seqlens=None, output_dtype=torch.float32):
     """Unchecked, non-differentiable cumsum for use inside other ops (``chunk_size=None``: whole
-    sequences; ``exclusive``: within chunks, the sum of the steps strictly before, forward only)."""
-    if exclusive and (reverse or chunk_size is None):
-        raise ValueError("exclusive cumsums are forward and within chunks only")
+    sequences)."""
     if use_triton(g):
-        return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, exclusive)
-    o = _torch_cumsum(_as_4d(g), chunk_size, reverse, cu_seqlens, exclusive).view(g.shape)
+        return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
+    o = _torch_cumsum(_as_4d(g), chunk_size, reverse, cu_seqlens).view(g.shape)
     return (o * scale if scale is not None else o).to(output_dtype)
 
 

@@ -56,21 +56,6 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[in
     return [(0, c[n], c[n + 1]) for n in range(len(c) - 1)]
 
 
-@_cached
-def chunk_rows(cu_seqlens: torch.Tensor | None, B: int, T: int, chunk_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(last, of_row)``: the flat row index (over ``B * T``) of every chunk's last row, ``[NT_total]``,
-    and the global chunk index of every row, ``[B * T]``; chunks numbered as in the state tensors."""
-    last, of_row, n0 = [], [], 0
-    for b, bos, eos in seq_bounds(cu_seqlens, B, T):
-        base = b * T + bos
-        L = eos - bos
-        nt = (L + chunk_size - 1) // chunk_size
-        last += [base + min((c + 1) * chunk_size, L) - 1 for c in range(nt)]
-        of_row += [n0 + t // chunk_size for t in range(L)]
-        n0 += nt
-    return torch.tensor(last, device=device), torch.tensor(of_row, device=device)
-
-
 def chunk_grid(cu_seqlens: torch.Tensor | None, T: int, chunk_size: int) -> tuple[int, torch.Tensor | None]:
     """``(NT, chunk_indices)`` for a per-chunk kernel launch: ``NT`` chunks per batch row (fixed length,
     no index list) or in all (varlen, with ``prepare_chunk_indices``)."""

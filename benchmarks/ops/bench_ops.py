@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import platform
 import sys
@@ -33,6 +34,11 @@ def _libs(names):
 
         libs["fla_gsa"] = dict(gsa=ours.chunk_gsa, gla=ours.chunk_gla, abc=ours.chunk_abc,
                                decode=ours.fused_recurrent_gsa)
+    if "fla_gsa-ckpt0" in names:  # keeps the chunk states for the backward instead of recomputing them
+        import fla_gsa.ops as ours
+
+        libs["fla_gsa-ckpt0"] = {op: functools.partial(fn, checkpoint_level=0)
+                                 for op, fn in dict(gsa=ours.chunk_gsa, gla=ours.chunk_gla, abc=ours.chunk_abc).items()}
     if "fla" in names:
         try:
             from fla.ops.abc import chunk_abc
@@ -151,7 +157,7 @@ def bench_sdpa(B, T, rows, modes):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default="gsa,gla,sdpa,decode", help="from gsa, gla, abc, sdpa, decode")
-    p.add_argument("--libs", default="fla_gsa,fla")
+    p.add_argument("--libs", default="fla_gsa,fla", help="from fla_gsa, fla, fla_gsa-ckpt0 (checkpoint_level=0)")
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--shapes", default="8x2048,4x4096,1x16384", help="BxT list (16K tokens per batch by default)")
     p.add_argument("--decode-batch", default="1,32")
@@ -192,6 +198,8 @@ def _run(a, ops, modes, shapes, libs, rows):
     if "decode" in ops:
         for B in [int(b) for b in a.decode_batch.split(",")]:
             for lib, table in libs.items():
+                if "decode" not in table:
+                    continue
                 bench_decode(lib, table["decode"], B, a, rows)
                 print(f"[bench] {rows[-1]} ({time.time() - t0:.0f}s)", flush=True)
 
@@ -205,12 +213,12 @@ def _report(a, rows):
 
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{time.strftime('%Y-%m-%d')} | python {platform.python_version()}")
-    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':8} {'ms':>9} {'x fla':>7} {'peak MB':>9} {'host us':>8}")
+    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':13} {'ms':>9} {'x fla':>7} {'peak MB':>9} {'host us':>8}")
     for r in rows:
         ratio = f"{r['vs_fla']:.2f}" if r.get("vs_fla") else ""
         mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
         host = f"{r['host_us']:.0f}" if r.get("host_us") is not None else ""
-        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:8} {r['ms']:9.3f} {ratio:>7} "
+        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:13} {r['ms']:9.3f} {ratio:>7} "
               f"{mb:>9} {host:>8}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)

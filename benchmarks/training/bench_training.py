@@ -4,7 +4,10 @@ Transformer of about the same size, a few AdamW steps each in bf16 autocast, on 
     python benchmarks/training/bench_training.py --size 340M --tokens 16384 --steps 10 --out results/
 
 Sizes follow the GSA paper's settings (340M: hidden 1024, 24 layers, 4 heads, 64 slots; 1.3B: hidden
-2048, 24 layers). Every model checks that its losses stay finite.
+2048, 24 layers). Every model checks that its losses stay finite. ``fla-gsa`` is flash-linear-attention's
+own ``GSAForCausalLM`` at the same size, heads and slots (when fla is installed), for a side-by-side run:
+
+    python benchmarks/training/bench_training.py --size 1.3B --models gsa,fla-gsa
 """
 from __future__ import annotations
 
@@ -34,14 +37,24 @@ def configs(size: str, vocab: int):
     }
 
 
-def run(name, cfg, B, T, steps, warmup, device):
+def fla_gsa_model(size: str, vocab: int):
+    """flash-linear-attention's GSA LM with the shapes of ``configs(size)['gsa']`` (its defaults otherwise)."""
+    from fla.models import GSAConfig as FlaGSAConfig
+    from fla.models import GSAForCausalLM as FlaGSAForCausalLM
+
+    return FlaGSAForCausalLM(FlaGSAConfig(vocab_size=vocab, num_heads=4, num_slots=64, tie_word_embeddings=False,
+                                          **SIZES[size]))
+
+
+def run(name, cfg, B, T, steps, warmup, device, size=None):
     from transformers import AutoModelForCausalLM as Auto  # fla_gsa.models registered the configs
 
     torch.manual_seed(0)
-    model = Auto.from_config(cfg).to(device)
+    model = (fla_gsa_model(size, cfg) if name == "fla-gsa" else Auto.from_config(cfg)).to(device)
+    vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    x = torch.randint(0, vocab, (B, T), device=device)
     losses = []
 
     def step():
@@ -79,7 +92,7 @@ def run(name, cfg, B, T, steps, warmup, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="340M", choices=list(SIZES))
-    p.add_argument("--models", default="gsa,hybrid,transformer,gla")
+    p.add_argument("--models", default="gsa,hybrid,transformer,gla", help="from gsa, gla, hybrid, transformer, fla-gsa")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
@@ -92,7 +105,7 @@ def main(argv=None):
     cfgs = configs(a.size, a.vocab)
     rows = []
     for name in a.models.split(","):
-        r = run(name, cfgs[name], B, a.T, a.steps, a.warmup, device)
+        r = run(name, a.vocab if name == "fla-gsa" else cfgs[name], B, a.T, a.steps, a.warmup, device, a.size)
         if device.type == "cuda":  # the model and optimizer of this run are gone: hand their memory back
             torch.cuda.empty_cache()
         rows.append(r)

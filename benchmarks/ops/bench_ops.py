@@ -51,6 +51,16 @@ def _libs(names):
     return libs
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The head shapes (defaults: the paper's 1.3B GSA heads; GLA with K=256, V=512)."""
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--gsa-k", type=int, default=512)
+    p.add_argument("--gsa-v", type=int, default=512)
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--gla-k", type=int, default=256)
+    p.add_argument("--gla-v", type=int, default=512)
+
+
 def _inputs(op, B, T, a, dtype, grad):
     dev = "cuda"
     H = a.heads
@@ -161,12 +171,7 @@ def main(argv=None):
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--shapes", default="8x2048,4x4096,1x16384", help="BxT list (16K tokens per batch by default)")
     p.add_argument("--decode-batch", default="1,32")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--gsa-k", type=int, default=512)
-    p.add_argument("--gsa-v", type=int, default=512)
-    p.add_argument("--slots", type=int, default=64)
-    p.add_argument("--gla-k", type=int, default=256)
-    p.add_argument("--gla-v", type=int, default=512)
+    add_shape_args(p)
     p.add_argument("--out", default=None, help="folder for bench_ops.csv (and .png)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_ops import _inputs  # noqa: E402
+from bench_ops import _inputs, add_shape_args  # noqa: E402
 
 
 def kernel_table(fn, iters: int):
@@ -45,12 +45,7 @@ def main(argv=None):
     p.add_argument("--shape", default="4x4096", help="BxT")
     p.add_argument("--mode", default="fwdbwd", choices=["fwd", "fwdbwd"])
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--gsa-k", type=int, default=512)
-    p.add_argument("--gsa-v", type=int, default=512)
-    p.add_argument("--slots", type=int, default=64)
-    p.add_argument("--gla-k", type=int, default=256)
-    p.add_argument("--gla-v", type=int, default=512)
+    add_shape_args(p)
     a = p.parse_args(argv)
     import fla_gsa.ops as ops
 

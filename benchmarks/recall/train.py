@@ -1,6 +1,7 @@
 """Train 2-layer fla_gsa models on MQAR and record recall accuracy against recurrent state size.
 
-    python -m benchmarks.recall.train --preset reduced --out results/recall     # GPU, ~8 minutes
+    python -m benchmarks.recall.train --preset reduced --out results/recall     # GPU, ~8 minutes, a first look
+    python -m benchmarks.recall.train --preset full --out results/recall        # GPU, equal steps, hours
     python -m benchmarks.recall.train --smoke --out /tmp/recall                  # CPU, seconds
 
 Every (model size, learning rate) is one *run*: train on a mixture of MQAR slices, then measure exact-
@@ -56,10 +57,12 @@ PRESETS = {
     "reduced": dict(specs=None, lrs=[3e-3], train_slices=ZOOLOGY_TRAIN_MIX, test_slices="256:16,256:64",
                     train_examples=20_000, test_examples=1_000, batch_size=256, eval_batch_size=500,
                     steps=4_000, time_per_run=20.0, max_total_s=450.0, device=None, threads=None),
-    # the sweep proper: 3 learning rates, 90 s each (45 runs, ~75 minutes: several leases, resumable)
+    # the sweep proper: 3 learning rates, the same 8000 steps for every model (45 runs; hours of GPU time,
+    # spread over leases and shards: resumable, --shard). A time cap per run is not comparable across
+    # sizes: a 2026-11-22 sweep capped at 380 s gave the d_model-256 models 600 steps and the 64 ones 5000.
     "full": dict(specs=None, lrs=[1e-3, 3e-3, 1e-2], train_slices=ZOOLOGY_TRAIN_MIX,
-                 test_slices="256:16,256:64", train_examples=20_000, test_examples=1_000, batch_size=256,
-                 eval_batch_size=500, steps=20_000, time_per_run=90.0, max_total_s=540.0, device=None,
+                 test_slices="256:16,256:64", train_examples=20_000, test_examples=1_000, batch_size=128,
+                 eval_batch_size=500, steps=8_000, time_per_run=None, max_total_s=540.0, device=None,
                  threads=None),
 }
 

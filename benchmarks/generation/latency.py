@@ -13,7 +13,6 @@ Python and launches included. The median and 90th percentile per token are repor
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -22,23 +21,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-from bench_training import SIZES, configs, fla_gsa_model  # noqa: E402
+from bench_training import SIZES, build_model, write_csv  # noqa: E402
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def build(name: str, size: str, vocab: int, device, dtype):
-    if name == "fla-gsa":
-        model = fla_gsa_model(size, vocab)
-    else:
-        from transformers import AutoModelForCausalLM  # fla_gsa.models registered the configs
-
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(configs(size, vocab)[name])
-    return model.to(device=device, dtype=dtype).eval()
 
 
 @torch.no_grad()
@@ -88,7 +76,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name in a.models.split(","):
-        model = build(name, a.size, a.vocab, device, dtype)
+        model = build_model(name, a.size, a.vocab).to(device=device, dtype=dtype).eval()
         r = dict(model=name, size=a.size, B=a.batch, prefix=a.prefix, tokens=a.tokens,
                  **measure(model, a.batch, a.prefix, a.tokens, device))
         rows.append(r)
@@ -104,11 +92,7 @@ def main(argv=None):
         print(f"{r['model']:12} {r['prefill_ms']:11.1f} {r['token_ms']:9.2f} {r['token_p90_ms']:8.2f} "
               f"{r['tokens_per_s']:9.1f}")
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "generation_latency.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, a.out, "generation_latency.csv")
     return rows
 
 

@@ -29,16 +29,14 @@ from triton.testing import do_bench
 
 def _libs(names):
     libs = {}
-    if "fla_gsa" in names:
+    if {"fla_gsa", "fla_gsa-ckpt0"} & set(names):
         import fla_gsa.ops as ours
 
-        libs["fla_gsa"] = dict(gsa=ours.chunk_gsa, gla=ours.chunk_gla, abc=ours.chunk_abc,
-                               decode=ours.fused_recurrent_gsa)
-    if "fla_gsa-ckpt0" in names:  # keeps the chunk states for the backward instead of recomputing them
-        import fla_gsa.ops as ours
-
-        libs["fla_gsa-ckpt0"] = {op: functools.partial(fn, checkpoint_level=0)
-                                 for op, fn in dict(gsa=ours.chunk_gsa, gla=ours.chunk_gla, abc=ours.chunk_abc).items()}
+        chunked = dict(gsa=ours.chunk_gsa, gla=ours.chunk_gla, abc=ours.chunk_abc)
+        if "fla_gsa" in names:
+            libs["fla_gsa"] = dict(chunked, decode=ours.fused_recurrent_gsa)
+        if "fla_gsa-ckpt0" in names:  # keeps the chunk states for the backward instead of recomputing them
+            libs["fla_gsa-ckpt0"] = {op: functools.partial(fn, checkpoint_level=0) for op, fn in chunked.items()}
     if "fla" in names:
         try:
             from fla.ops.abc import chunk_abc

@@ -46,12 +46,28 @@ def fla_gsa_model(size: str, vocab: int):
                                           **SIZES[size]))
 
 
-def run(name, cfg, B, T, steps, warmup, device, size=None):
-    from transformers import AutoModelForCausalLM as Auto  # fla_gsa.models registered the configs
-
+def build_model(name: str, size: str, vocab: int):
+    """A random-weight causal LM (seed 0): ``name`` from :func:`configs` (``gsa``, ``gla``, ``hybrid``,
+    ``transformer``) or ``fla-gsa`` (:func:`fla_gsa_model`)."""
     torch.manual_seed(0)
-    model = (fla_gsa_model(size, cfg) if name == "fla-gsa" else Auto.from_config(cfg)).to(device)
-    vocab = model.config.vocab_size
+    if name == "fla-gsa":
+        return fla_gsa_model(size, vocab)
+    from transformers import AutoModelForCausalLM  # fla_gsa.models registered the configs
+
+    return AutoModelForCausalLM.from_config(configs(size, vocab)[name])
+
+
+def write_csv(rows: list[dict], folder: str, name: str) -> None:
+    """``rows`` (one dict per row, same keys) as ``folder/name``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run(name, size, vocab, B, T, steps, warmup, device):
+    model = build_model(name, size, vocab).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab, (B, T), device=device)
@@ -102,10 +118,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B = max(1, a.tokens // a.T)
-    cfgs = configs(a.size, a.vocab)
     rows = []
     for name in a.models.split(","):
-        r = run(name, a.vocab if name == "fla-gsa" else cfgs[name], B, a.T, a.steps, a.warmup, device, a.size)
+        r = run(name, a.size, a.vocab, B, a.T, a.steps, a.warmup, device)
         if device.type == "cuda":  # the model and optimizer of this run are gone: hand their memory back
             torch.cuda.empty_cache()
         rows.append(r)
@@ -117,11 +132,7 @@ def main(argv=None):
         print(f"{r['model']:12} {r['params_m']:7.0f}M {r['tokens_per_s']:10,.0f} {r['peak_gib']:9.1f} "
               f"{r['loss_first']:8.3f}->{r['loss_last']:.3f} {r['finite']}")
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench_training.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, a.out, "bench_training.csv")
     return rows
 
 

@@ -19,6 +19,7 @@ from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads, rotate
 from fla_gsa.modules import FusedRMSNormGated, RotaryEmbedding
 from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
+from fla_gsa.ops.gsa.utils import logcumsumexp_time
 
 # Log-sum-exp of "nothing yet" and the slot logit given to padding. Finite, so no inf − inf appears in
 # values or gradients; far enough below any clamped logit (|e| <= 32) that exp(NEG - z) is exactly 0 in
@@ -36,7 +37,7 @@ def abc_slot_gates(e: torch.Tensor, z0: torch.Tensor | None, mask: torch.Tensor 
     e = e.float()
     if mask is not None:
         e = e.masked_fill(~mask[:, :, None, None], NEG)
-    z = e.logcumsumexp(dim=1)
+    z = logcumsumexp_time(e)
     if z0 is not None:
         z = torch.logaddexp(z0[:, None].float(), z)
     first = z0[:, None].float() if z0 is not None else z.new_full(z[:, :1].shape, NEG)

@@ -213,3 +213,64 @@ def test_float64_reference_mode(mode):
     assert_rel("o", o, ro, 1e-12)
     assert_rel("hk", hk, rhk, 1e-12)
     assert_rel("hv", hv, rhv, 1e-12)
+
+
+def _slot_gates_reference(s, cu_seqlens=None):
+    # the plain formula, one sequence at a time, scanning along dim 1 (in float64 for float64 inputs)
+    x = s.to(torch.promote_types(s.dtype, torch.float32))
+    cu = [0, s.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    outs, gates = [], []
+    for bos, eos in zip(cu[:-1], cu[1:]):
+        z = x[:, bos:eos].logcumsumexp(dim=1)
+        gates.append(torch.cat([z[:, :1], z[:, :-1]], dim=1) - z)
+        outs.append((x[:, bos:eos] - z).exp())
+    return torch.cat(outs, 1).to(s.dtype), torch.cat(gates, 1)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0])
+@pytest.mark.parametrize("B, T, cu", [(2, 131, None), (1, 1, None), (3, 64, None), (1, 1100, None),
+                                      (1, 100, [0, 7, 57, 100]), (1, 100, [0, 1, 2, 70, 100]), (1, 77, [0, 77])])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_abc_slot_gates(dtype, B, T, cu, logit_scale):
+    # the scan along the innermost dimension against the plain one along dim 1: outputs and the
+    # gradient of s through both outputs
+    from fla_gsa.ops.gsa import utils
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    s64 = torch.randn(B, T, 2, 3, dtype=torch.float64, device=DEVICE) * logit_scale
+    do, dg = torch.randn_like(s64), torch.randn_like(s64)
+
+    def run(fn, s):
+        s = s.detach().requires_grad_()
+        o, g = fn(s, cu)
+        (ds,) = torch.autograd.grad((o.double() * do).sum() + (g.double() * dg).sum(), s)
+        return o, g, ds
+
+    o, g, ds = run(utils.abc_slot_gates, s64.to(dtype))
+    assert o.dtype == dtype and g.dtype == dtype and o.shape == g.shape == (B, T, 2, 3)
+    assert o.is_contiguous() and g.is_contiguous()
+    starts = [0] if cu is None else cu[:-1].tolist()
+    assert (g[:, starts] == 0).all()
+    # float32 is checked against the float64 reference (the plain float32 scan is no more accurate)
+    ro, rg, rds = run(_slot_gates_reference, s64)
+    # float32 g = z_{t-1} - z_t is exact for the rounded z but holds their rounding (ulp(z) vs g ~ -1/t)
+    # (PyTorch's fp32 logcumsumexp backward rounds more with T: 2.5e-4 at T = 1100 with logits x 30)
+    tols = (1e-10,) * 3 if dtype == torch.float64 else (1e-5, 3e-5, 1e-3)
+    if T == 1:  # o = 1 and g = 0 exactly; ds = 0 up to rounding
+        assert (o == 1).all() and (g == 0).all() and ds.abs().max() < 1e-5
+        return
+    for name, x, r, tol in zip(("o", "g", "ds"), (o, g, ds), (ro, rg, rds), tols):
+        assert_rel(name, x, r, tol)
+
+
+def test_abc_slot_gates_dtypes_and_varlen_restart():
+    from fla_gsa.ops.gsa.utils import abc_slot_gates
+    s = torch.randn(1, 90, 2, 4, device=DEVICE) * 5
+    o, g = abc_slot_gates(s.bfloat16())
+    assert o.dtype == torch.bfloat16 and g.dtype == torch.float32
+    # packed sequences give what each gives alone
+    cu = torch.tensor([0, 30, 31, 90], device=DEVICE)
+    o, g = abc_slot_gates(s.double(), cu)
+    for bos, eos in [(0, 30), (30, 31), (31, 90)]:
+        o1, g1 = abc_slot_gates(s[:, bos:eos].double())
+        assert torch.allclose(o[:, bos:eos], o1, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(g[:, bos:eos], g1, rtol=1e-12, atol=1e-12)

@@ -1,7 +1,7 @@
 """Train 2-layer fla_gsa models on MQAR and record recall accuracy against recurrent state size.
 
     python -m benchmarks.recall.train --preset reduced --out results/recall     # GPU, ~8 minutes, a first look
-    python -m benchmarks.recall.train --preset full --out results/recall        # GPU, equal steps, ~2 h on one GPU
+    python -m benchmarks.recall.train --preset full --out results/recall        # GPU, equal steps, ~2.5 h on one GPU
     python -m benchmarks.recall.train --smoke --out /tmp/recall                  # CPU, seconds
 
 Every (model size, learning rate) is one *run*: train on a mixture of MQAR slices, then measure exact-

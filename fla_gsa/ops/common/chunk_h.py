@@ -26,12 +26,22 @@ from fla_gsa.ops.utils.triton_utils import load_row, load_tile, next_pow2, seq_b
 
 @triton.jit
 def chunk_fwd_h_kernel(
-    k, v, gk, gv, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    k, v, gk, gv, h, h0, ht, seg, seg_gk, seg_gv, cu_seqlens, chunk_offsets, T, NS, L,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr, USE_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    STORE_HT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Program (i_k, i_v, sequence-head, segment i_s) walks chunks [i_s * L, (i_s + 1) * L) of its
+    # sequence. REDUCE (segments 0 .. NS-2): from a zero state, keep only the segment's end state and
+    # its total log-gates. Otherwise: enter the segment with the state carried over the segments before
+    # it (from the REDUCE launch's results), then store the state entering each chunk. One segment
+    # (NS = 1, L >= NT): a plain sequential scan.
+    i_k, i_v, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if REDUCE:
+        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1)
+    else:
+        i_nh, i_s = i_nhs // NS, i_nhs % NS
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     NT = tl.cdiv(T, BT)
@@ -47,11 +57,23 @@ def chunk_fwd_h_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+    b_tk = tl.zeros([BK], dtype=tl.float32)
+    b_tv = tl.zeros([BV], dtype=tl.float32)
+    if not REDUCE:
+        if USE_H0:
+            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+        if SPLIT:
+            for i_p in range(0, i_s):  # the segments before this one: h <- decay * h + their end state
+                p_seg = i_nh.to(tl.int64) * NS + i_p
+                if USE_GK:
+                    b_h = b_h * tl.exp(tl.load(seg_gk + p_seg * K + o_k, mask=m_k, other=0))[:, None]
+                if USE_GV:
+                    b_h = b_h * tl.exp(tl.load(seg_gv + p_seg * V + o_v, mask=m_v, other=0))[None, :]
+                b_h += tl.load(seg + p_seg * K * V + o_kv, mask=m_kv, other=0)
 
-    for i_t in range(0, NT):
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+    for i_t in range(i_s * L, tl.minimum(i_s * L + L, NT)):
+        if not REDUCE:
+            tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         last = tl.minimum(i_t * BT + BT, T) - 1
@@ -62,26 +84,46 @@ def chunk_fwd_h_kernel(
             b_g = load_tile(gk, bos, o_t, m_t, i_h, H, K, o_k, m_k)  # [BT, BK]
             b_k = b_k * tl.where(m_t[:, None], tl.exp(b_gl[None, :] - b_g), 0)
             b_h = b_h * tl.exp(b_gl)[:, None]
+            b_tk += b_gl
         if USE_GV:
             b_gl = load_row(gv, bos, last, i_h, H, V, o_v, m_v)  # [BV]
             b_g = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
             b_v = b_v * tl.where(m_t[:, None], tl.exp(b_gl[None, :] - b_g), 0)
             b_h = b_h * tl.exp(b_gl)[None, :]
+            b_tv += b_gl
         b_h += tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT), input_precision=PREC)
 
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
+    if REDUCE:
+        p_seg = i_nh.to(tl.int64) * NS + i_s
+        tl.store(seg + p_seg * K * V + o_kv, b_h, mask=m_kv)
+        if USE_GK:
+            tl.store(seg_gk + p_seg * K + o_k, b_tk, mask=m_k & (o_k * 0 + i_v == 0))
+        if USE_GV:
+            tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
+    elif STORE_HT:
+        if i_s == NS - 1:
+            tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
 @triton.jit
 def chunk_bwd_dh_kernel(
-    q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, cu_seqlens, chunk_offsets, scale, T, NTT,
+    q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, seg, seg_gk, seg_gv, cu_seqlens, chunk_offsets, scale,
+    T, NTT, NS, L,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_HDK: tl.constexpr, STORE_HDV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, REDUCE: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Segments as in chunk_fwd_h_kernel, walked in reverse. REDUCE (segments 1 .. NS-1): the gradient
+    # that the segment's chunks alone send to the state entering it, and the segment's total
+    # log-gates. Otherwise: enter from the end with what the later segments send, then store each
+    # chunk's dh.
+    i_k, i_v, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if REDUCE:
+        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1) + 1
+    else:
+        i_nh, i_s = i_nhs // NS, i_nhs % NS
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
     NT = tl.cdiv(T, BT)
@@ -98,22 +140,39 @@ def chunk_bwd_dh_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+    b_tk = tl.zeros([BK], dtype=tl.float32)
+    b_tv = tl.zeros([BV], dtype=tl.float32)
+    if not REDUCE:
+        if USE_DHT:
+            b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
+        if SPLIT:
+            for i_p in range(0, NS - 1 - i_s):  # the segments after this one, last first
+                p_seg = i_nh.to(tl.int64) * NS + NS - 1 - i_p
+                if USE_GK:
+                    b_dh = b_dh * tl.exp(tl.load(seg_gk + p_seg * K + o_k, mask=m_k, other=0))[:, None]
+                if USE_GV:
+                    b_dh = b_dh * tl.exp(tl.load(seg_gv + p_seg * V + o_v, mask=m_v, other=0))[None, :]
+                b_dh += tl.load(seg + p_seg * K * V + o_kv, mask=m_kv, other=0)
 
-    for i in range(0, NT):
-        i_t = NT - 1 - i
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+    t_end = tl.minimum(i_s * L + L, NT)
+    for i in range(0, t_end - i_s * L):
+        i_t = t_end - 1 - i
+        if not REDUCE:
+            tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         last = tl.minimum(i_t * BT + BT, T) - 1
         if USE_GK:
             b_gk = load_tile(gk, bos, o_t, m_t, i_h, H, K, o_k, m_k)  # [BT, BK]
-            b_dh = b_dh * tl.exp(load_row(gk, bos, last, i_h, H, K, o_k, m_k))[:, None]
+            b_gl = load_row(gk, bos, last, i_h, H, K, o_k, m_k)
+            b_dh = b_dh * tl.exp(b_gl)[:, None]
+            b_tk += b_gl
         if USE_GV:
             b_gv = load_tile(gv, bos, o_t, m_t, i_h, H, V, o_v, m_v)  # [BT, BV]
-            b_dh = b_dh * tl.exp(load_row(gv, bos, last, i_h, H, V, o_v, m_v))[None, :]
-        if STORE_HDK or STORE_HDV:
+            b_gl = load_row(gv, bos, last, i_h, H, V, o_v, m_v)
+            b_dh = b_dh * tl.exp(b_gl)[None, :]
+            b_tv += b_gl
+        if not REDUCE and (STORE_HDK or STORE_HDV):
             # the gate gradients' pairs skipping chunk n: <e^{Gk_L} h[n] e^{Gv_L}, dh[n]>, here the decayed
             # dh[n] times h[n], summed over this program's V block (dgk) or K block (dgv)
             p_hd = (boh + i_t) * H + i_h
@@ -134,36 +193,69 @@ def chunk_bwd_dh_kernel(
             b_acc += tl.dot(tl.trans(b_q.to(DT)), b_do.to(DT), input_precision=PREC)
         b_dh += scale * b_acc
 
-    if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
+    if REDUCE:
+        p_seg = i_nh.to(tl.int64) * NS + i_s
+        tl.store(seg + p_seg * K * V + o_kv, b_dh, mask=m_kv)
+        if USE_GK:
+            tl.store(seg_gk + p_seg * K + o_k, b_tk, mask=m_k & (o_k * 0 + i_v == 0))
+        if USE_GV:
+            tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
+    elif STORE_DH0:
+        if i_s == 0:
+            tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
 
 
-# Programs a scan launch should have at least (each walks its sequence alone): about two per SM of an
-# H100. Below that, the state tiles shrink from 64 toward 32 to add programs.
+# A scan program walks its chunks one after another, so a launch with few programs is bound by the
+# latency of each step. With 64 x 64 state tiles, fixed-length inputs that give fewer than
+# SEGMENT_BELOW programs split each sequence into segments of at least MIN_SEGMENT_CHUNKS chunks (two
+# launches: each segment's own end state, then every segment's scan from the carried state), up to
+# about MIN_SCAN_PROGRAMS programs. The extra launch reads the inputs once more, which pays only while
+# the scan is latency-bound: on an H100, GSA's passes at 1 x 16384 (32 programs; 8 segments made the
+# forward 25% faster) but not GLA's (K = 256, V = 512) at 1 x 16384 (128 programs; 2 or 4 segments
+# were 15% slower than smaller tiles). Otherwise, and for varlen inputs, the state tiles shrink from
+# 64 toward 32 until there are MIN_SCAN_PROGRAMS programs (about two per SM).
 MIN_SCAN_PROGRAMS = 256
+SEGMENT_BELOW = 128
+MIN_SEGMENT_CHUNKS = 8
+MAX_SEGMENTS = 16
 
 
-def scan_blocks(K: int, V: int, NH: int) -> tuple[int, int]:
-    """Tile ``(BK, BV)`` of the state for a scan over ``NH`` (sequence, head) pairs: 64 (or the padded
-    size) unless that leaves fewer than ``MIN_SCAN_PROGRAMS`` programs, then the larger side halves
-    while it stays at least 32."""
+def scan_plan(K: int, V: int, NH: int, NT: int | None) -> tuple[int, int, int, int]:
+    """``(BK, BV, NS, L)`` for a scan over ``NH`` (sequence, head) pairs of ``NT`` chunks each (None:
+    varlen, no segments): state tiles ``BK x BV`` and ``NS`` segments of ``L`` chunks."""
     BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
-    while triton.cdiv(K, BK) * triton.cdiv(V, BV) * NH < MIN_SCAN_PROGRAMS and max(BK, BV) > 32:
+
+    def programs():
+        return triton.cdiv(K, BK) * triton.cdiv(V, BV) * NH
+
+    if NT is not None and programs() < SEGMENT_BELOW:
+        NS = min(triton.cdiv(MIN_SCAN_PROGRAMS, programs()), NT // MIN_SEGMENT_CHUNKS, MAX_SEGMENTS)
+        if NS > 1:
+            L = triton.cdiv(NT, NS)
+            return BK, BV, triton.cdiv(NT, L), L
+    while programs() < MIN_SCAN_PROGRAMS and max(BK, BV) > 32:
         if BK >= BV:
             BK //= 2
         else:
             BV //= 2
-    return BK, BV
+    return BK, BV, 1, 1 << 30
 
 
 def _scan_setup(x, cu_seqlens, chunk_size):
+    """``(N, NT_total, chunk_offsets, chunks per sequence or None for varlen)``."""
     B, T = x.shape[:2]
     if cu_seqlens is None:
-        N, NT, offsets = B, B * triton.cdiv(T, chunk_size), None
-    else:
-        offsets = prepare_chunk_offsets(cu_seqlens, chunk_size)
-        N, NT = len(cu_seqlens) - 1, int(offsets[-1].item())
-    return N, NT, offsets
+        return B, B * triton.cdiv(T, chunk_size), None, triton.cdiv(T, chunk_size)
+    offsets = prepare_chunk_offsets(cu_seqlens, chunk_size)
+    return len(cu_seqlens) - 1, int(offsets[-1].item()), offsets, None
+
+
+def _segment_buffers(x, NH, NS, K, V, gk, gv):
+    """fp32 per-segment results of a REDUCE launch: states ``[NH, NS, K, V]`` and total log-gates."""
+    seg = x.new_empty(NH, NS, K, V, dtype=torch.float32)
+    seg_gk = x.new_empty(NH, NS, K, dtype=torch.float32) if gk is not None else None
+    seg_gv = x.new_empty(NH, NS, V, dtype=torch.float32) if gv is not None else None
+    return seg, seg_gk, seg_gv
 
 
 def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
@@ -173,17 +265,22 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
     in fp32 if asked. ``gk``/``gv`` are in-chunk cumsums (``chunk_local_cumsum``) or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N, NT, offsets = _scan_setup(k, cu_seqlens, chunk_size)
+    N, NT, offsets, NT_seq = _scan_setup(k, cu_seqlens, chunk_size)
     h = k.new_empty(NT, H, K, V, dtype=states_dtype or k.dtype)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = scan_blocks(K, V, N * H)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
-    chunk_fwd_h_kernel[grid](
-        k, v, gk, gv, h, initial_state, ht, cu_seqlens, offsets, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
-        num_warps=4,
-    )
+    BK, BV, NS, L = scan_plan(K, V, N * H, NT_seq)
+    seg = seg_gk = seg_gv = None
+    if NS > 1:
+        seg, seg_gk, seg_gv = _segment_buffers(k, N * H, NS, K, V, gk, gv)
+    meta = dict(H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
+                USE_H0=initial_state is not None, STORE_HT=output_final_state, SPLIT=NS > 1,
+                IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
+                num_warps=4)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    args = (k, v, gk, gv, h, initial_state, ht, seg, seg_gk, seg_gv, cu_seqlens, offsets, T, NS, L)
+    if NS > 1:
+        chunk_fwd_h_kernel[(NK, NV, N * H * (NS - 1))](*args, REDUCE=True, **meta)
+    chunk_fwd_h_kernel[(NK, NV, N * H * NS)](*args, REDUCE=False, **meta)
     return h, ht
 
 
@@ -199,18 +296,22 @@ def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0,
     launch (the gate-gradient kernel adds them up). Returns ``(dh, dh0, hdk, hdv)``."""
     B, T, HQ, K = q.shape
     V = do.shape[-1]
-    N, NT, offsets = _scan_setup(q, cu_seqlens, chunk_size)
+    N, NT, offsets, NT_seq = _scan_setup(q, cu_seqlens, chunk_size)
     dh = q.new_empty(NT, H, K, V, dtype=states_dtype or torch.float32)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BK, BV = scan_blocks(K, V, N * H)
+    BK, BV, NS, L = scan_plan(K, V, N * H, NT_seq)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     hdk = q.new_empty(NV, NT, H, K, dtype=torch.float32) if need_hdk else None
     hdv = q.new_empty(NK, NT, H, V, dtype=torch.float32) if need_hdv else None
-    chunk_bwd_dh_kernel[(NK, NV, N * H)](
-        q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, cu_seqlens, offsets, scale, T, NT,
-        H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
-        USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, STORE_HDK=need_hdk,
-        STORE_HDV=need_hdv, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype),
-        PREC=dot_precision(compute_dtype), num_warps=4,
-    )
+    seg = seg_gk = seg_gv = None
+    if NS > 1:
+        seg, seg_gk, seg_gv = _segment_buffers(q, N * H, NS, K, V, gk, gv)
+    meta = dict(H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
+                USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, STORE_HDK=need_hdk,
+                STORE_HDV=need_hdv, SPLIT=NS > 1, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype),
+                PREC=dot_precision(compute_dtype), num_warps=4)
+    args = (q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, seg, seg_gk, seg_gv, cu_seqlens, offsets, scale, T, NT, NS, L)
+    if NS > 1:
+        chunk_bwd_dh_kernel[(NK, NV, N * H * (NS - 1))](*args, REDUCE=True, **meta)
+    chunk_bwd_dh_kernel[(NK, NV, N * H * NS)](*args, REDUCE=False, **meta)
     return dh, dh0, hdk, hdv

@@ -1,0 +1,127 @@
+"""The state scans of ``chunk_h`` (forward states, backward state gradients, the gate gradients'
+per-chunk terms) against a float64 loop over chunks, in one sequential pass and split into segments
+(two launches: each segment's own end state, then the scan of every segment from the carried state).
+
+Gates are chunk-local cumsums of log gates, weak or strong (about -20 per step). Needs the Triton
+kernels: ``TRITON_INTERPRET=1 pytest -m triton`` or a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, INTERPRET, assert_rel
+
+from fla_gsa.ops.common import chunk_h
+from fla_gsa.ops.utils.cumsum import cumsum_fwd
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                 reason="runs the Triton kernels: TRITON_INTERPRET=1 or a GPU")]
+
+
+def _gates(B, T, H, D, strong, BT):
+    g = F.logsigmoid(torch.randn(B, T, H, D, device=DEVICE))
+    return cumsum_fwd(g - 19.5 if strong else g, BT)
+
+
+def _reference(k, v, q, do, Gk, Gv, h0, dht, scale, BT):
+    """Float64 ``(h, ht, dh, dh0, hdk, hdv)`` by a loop over chunks (hdk / hdv summed over blocks)."""
+    k, v, q, do = (x.double().cpu() for x in (k, v, q, do))
+    B, T, H, K = k.shape
+    HQ, V = q.shape[2], v.shape[-1]
+    G = HQ // H
+    Gk = Gk.double().cpu() if Gk is not None else torch.zeros(B, T, H, K, dtype=torch.float64)
+    Gv = Gv.double().cpu() if Gv is not None else torch.zeros(B, T, H, V, dtype=torch.float64)
+    starts = list(range(0, T, BT))
+    hs, dhs, hdk, hdv, ht, dh0 = [], [], [], [], [], []
+    for b in range(B):
+        state = h0[b].double().cpu().clone() if h0 is not None else torch.zeros(H, K, V, dtype=torch.float64)
+        row = []
+        for t0 in starts:
+            t1 = min(t0 + BT, T)
+            row.append(state.clone())
+            gkl, gvl = Gk[b, t1 - 1], Gv[b, t1 - 1]  # [H, K], [H, V]
+            kd = k[b, t0:t1] * (gkl - Gk[b, t0:t1]).exp()
+            vd = v[b, t0:t1] * (gvl - Gv[b, t0:t1]).exp()
+            state = state * gkl.exp()[:, :, None] * gvl.exp()[:, None, :] + torch.einsum("thk,thv->hkv", kd, vd)
+        hs += row
+        ht.append(state)
+        grad = dht[b].double().cpu().clone() if dht is not None else torch.zeros(H, K, V, dtype=torch.float64)
+        rows = [None] * len(starts)
+        for n in reversed(range(len(starts))):
+            t0, t1 = starts[n], min(starts[n] + BT, T)
+            rows[n] = grad.clone()
+            gkl, gvl = Gk[b, t1 - 1], Gv[b, t1 - 1]
+            grad = grad * gkl.exp()[:, :, None] * gvl.exp()[:, None, :]
+            pair = row[n] * grad
+            hdk.append(pair.sum(-1))
+            hdv.append(pair.sum(-2))
+            qd = q[b, t0:t1].view(t1 - t0, H, G, K) * Gk[b, t0:t1, :, None].exp()
+            dod = do[b, t0:t1].view(t1 - t0, H, G, V) * Gv[b, t0:t1, :, None].exp()
+            grad = grad + scale * torch.einsum("thgk,thgv->hkv", qd, dod)
+        dhs += rows
+        dh0.append(grad)
+        # hdk / hdv were appended last chunk first: restore chunk order for this sequence
+        n_seq = len(starts)
+        hdk[-n_seq:], hdv[-n_seq:] = hdk[-n_seq:][::-1], hdv[-n_seq:][::-1]
+    return tuple(torch.stack(x) for x in (hs, ht, dhs, dh0, hdk, hdv))
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("gates", ["k", "v", "kv"])
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("B, T, H, G, K, V", [(2, 200, 2, 1, 24, 40), (1, 157, 1, 2, 40, 20)])
+def test_scans_against_float64(monkeypatch, segments, gates, strong, B, T, H, G, K, V):
+    BT = 16
+    NT = triton_cdiv(T, BT)
+    # force segments at interpreter sizes (at least 3 chunks each), or forbid them
+    monkeypatch.setattr(chunk_h, "MIN_SEGMENT_CHUNKS", 3)
+    monkeypatch.setattr(chunk_h, "SEGMENT_BELOW", 1 << 20 if segments else 0)
+    plan = chunk_h.scan_plan(K, V, B * H, NT)
+    assert (plan[2] > 1) == segments, plan
+    k = torch.randn(B, T, H, K, device=DEVICE)
+    v = torch.randn(B, T, H, V, device=DEVICE)
+    q = torch.randn(B, T, H * G, K, device=DEVICE)
+    do = torch.randn(B, T, H * G, V, device=DEVICE)
+    Gk = _gates(B, T, H, K, strong, BT) if "k" in gates else None
+    Gv = _gates(B, T, H, V, strong, BT) if "v" in gates else None
+    h0 = torch.randn(B, H, K, V, device=DEVICE)
+    dht = torch.randn(B, H, K, V, device=DEVICE)
+    scale = 0.3
+    f32 = torch.float32
+    h, ht = chunk_h.chunk_fwd_h(k, v, Gk, Gv, h0, True, None, BT, f32, f32)
+    dh, dh0, hdk, hdv = chunk_h.chunk_bwd_dh(q, do, Gk, Gv, dht, scale, None, BT, H, True, f32, f32, h,
+                                             Gk is not None, Gv is not None)
+    r_h, r_ht, r_dh, r_dh0, r_hdk, r_hdv = _reference(k, v, q, do, Gk, Gv, h0, dht, scale, BT)
+    tol = 1e-5
+    assert_rel("h", h, r_h, tol)
+    assert_rel("ht", ht, r_ht, tol)
+    assert_rel("dh", dh, r_dh, tol)
+    assert_rel("dh0", dh0, r_dh0, tol)
+    if Gk is not None:
+        assert_rel("hdk", hdk.sum(0), r_hdk, tol)
+    if Gv is not None:
+        assert_rel("hdv", hdv.sum(0), r_hdv, tol)
+
+
+@pytest.mark.parametrize("K, V, NH, NT, segmented", [
+    (512, 64, 4, 256, True), (64, 512, 8, 128, True), (64, 512, 16, 64, False), (256, 512, 4, 256, False),
+    (512, 64, 32, 32, False), (512, 64, 4, None, False), (100, 30, 1, 3, False), (512, 64, 1, 12, False)])
+def test_scan_plan(K, V, NH, NT, segmented):
+    # segments only for fixed-length inputs that leave fewer than SEGMENT_BELOW programs with 64 x 64
+    # tiles, each of at least MIN_SEGMENT_CHUNKS chunks; the segments cover the chunks exactly
+    BK, BV, NS, L = chunk_h.scan_plan(K, V, NH, NT)
+    assert (NS > 1) == segmented
+    programs = triton_cdiv(K, BK) * triton_cdiv(V, BV) * NH
+    if NS > 1:
+        assert NT is not None and L >= chunk_h.MIN_SEGMENT_CHUNKS and NS <= chunk_h.MAX_SEGMENTS
+        assert (NS - 1) * L < NT <= NS * L
+        assert programs < chunk_h.SEGMENT_BELOW and (BK, BV) == (min(64, K), min(64, V))
+    else:
+        assert L >= (NT or 0)
+        assert programs >= chunk_h.MIN_SCAN_PROGRAMS or max(BK, BV) <= 32
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b

@@ -53,12 +53,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
-              need_dgv=False):
+              need_dgv=False, G=None):
     """Forward; with ``need_dgv`` also ``o`` without its diagonal terms (fp32), for the value-side gate
-    gradient."""
+    gradient. ``G``: the in-chunk cumsum of the one gate given, if the caller has it already."""
     cdt = compute_dtype(k, v, q)
-    Gk = cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens) if gk is not None else None
-    Gv = cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens) if gv is not None else None
+    Gk = (G if G is not None else cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens)) if gk is not None else None
+    Gv = (G if G is not None else cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens)) if gv is not None else None
     h, ht = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt)
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
     o_nd = None
@@ -99,7 +99,7 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
 class ChunkLinearAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                output_dtype, checkpoint_level):
+                output_dtype, checkpoint_level, G):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         gk = gk.contiguous() if gk is not None else None
         gv = gv.contiguous() if gv is not None else None
@@ -107,7 +107,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         need_dgk = gk is not None and ctx.needs_input_grad[3]
         need_dgv = gv is not None and ctx.needs_input_grad[4]
         Gk, Gv, h, A, o, o_nd, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                              chunk_size, output_dtype, need_dgv)
+                                              chunk_size, output_dtype, need_dgv, G)
         keep_h = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens)
         ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
@@ -122,7 +122,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
             q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
             scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5])
         dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
-        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
+        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None, None
 
 
 def chunk_linear_attn(
@@ -183,15 +183,19 @@ def chunk_linear_attn(
 
 
 def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,
-                                chunk_size=64, output_dtype=None, checkpoint_level=1):
-    """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved)."""
+                                chunk_size=64, output_dtype=None, checkpoint_level=1, gate_cumsum=None):
+    """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved).
+    With one gate, ``gate_cumsum`` may be its in-chunk cumsum ``cumsum_fwd(g, chunk_size)`` (fp32),
+    computed once by a caller that runs several passes with that gate (used by the kernels only)."""
     check_chunk_size(chunk_size)
     if checkpoint_level not in (0, 1):
         raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
     output_dtype = output_dtype or v.dtype
     if use_kernels(q, k, v):
+        if gate_cumsum is not None and (gk is None) == (gv is None):
+            raise ValueError("gate_cumsum needs exactly one of gk, gv")
         return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
-                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level)
+                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level, gate_cumsum)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch
 
     return chunk_linear_attn_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,

@@ -13,6 +13,9 @@ import torch
 
 from fla_gsa.ops.common.chunk import chunk_linear_attn_unchecked
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
+from fla_gsa.ops.utils.backend import use_kernels
+from fla_gsa.ops.utils.checks import check_chunk_size
+from fla_gsa.ops.utils.cumsum import cumsum_fwd
 
 
 def chunk_gsa(
@@ -87,9 +90,12 @@ def chunk_gsa(
         s, g = abc_slot_gates(s, cu_seqlens)
     # the slot logits stay in fp32 for the softmax (float64 inputs: a float64 reference run)
     logit_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    check_chunk_size(chunk_size)
+    # both passes gate with g (value side, then key side): its in-chunk cumsum is taken once
+    G = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens) if use_kernels(q, k, v, s, g) else None
     ok, hk = chunk_linear_attn_unchecked(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
-                                         chunk_size, logit_dtype, checkpoint_level)
+                                         chunk_size, logit_dtype, checkpoint_level, G)
     p = ok.softmax(dim=-1)
     o, hv = chunk_linear_attn_unchecked(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
-                                        chunk_size, v.dtype, checkpoint_level)
+                                        chunk_size, v.dtype, checkpoint_level, G)
     return o, ((hk, hv) if output_final_state else None)

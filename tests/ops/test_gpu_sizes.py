@@ -105,3 +105,28 @@ def test_gsa_long_strong_gates_finite():
     grads = torch.autograd.grad(o, (q, k, v, s, g), torch.randn_like(o))
     assert torch.isfinite(o).all() and torch.isfinite(hk).all() and torch.isfinite(hv).all()
     assert all(torch.isfinite(d).all() for d in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cu", [None, [0, 1, 6000, 6001, 16384]])
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0])
+def test_abc_slot_gates_real_size(logit_scale, cu, dtype):
+    # ABC's normalizer kernels at 1 x 16384 x 4 x 64 against float64, no less accurate than the PyTorch
+    # fp32 scan (run on the CPU copy): fp32 g = z_{t-1} - z_t holds ulp(z) against |g| ~ 1/t
+    from fla_gsa.ops.gsa.utils import abc_slot_gates
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    s = (torch.randn(1, 16384, 4, 64, device=DEV) * logit_scale).to(dtype)
+    do, dg = torch.randn(2, *s.shape, dtype=torch.float64, device=DEV)
+
+    def run(s, cu):
+        x = s.detach().requires_grad_()
+        o, g = abc_slot_gates(x, cu)
+        (ds,) = torch.autograd.grad((o.double() * do.to(o.device)).sum() + (g.double() * dg.to(o.device)).sum(), x)
+        return [t.to(DEV) for t in (o, g, ds)]
+
+    new, cpu, ref = run(s, cu), run(s.cpu(), None if cu is None else cu.cpu()), run(s.double(), cu)
+    errs = [(n, rel_err(a, r), rel_err(b, r)) for n, a, b, r in zip(("o", "g", "ds"), new, cpu, ref)]
+    print(" ".join(f"{n}={e:.1e} (torch {t:.1e})" for n, e, t in errs))  # shown with pytest -s
+    for (n, e, t), x in zip(errs, new):
+        assert torch.isfinite(x).all(), n
+        assert e <= 2 * t + 1e-6, f"{n}: kernel {e:.2e} against the PyTorch scan's {t:.2e}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fla_gsa.ops.gsa.abc_gates import abc_slot_gates_triton
+from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import (check_cu_seqlens, check_gate, check_qkv, check_same_device, check_state,
                                       check_tensor, resolve_scale)
 from fla_gsa.ops.utils.index import seq_bounds
@@ -47,8 +49,13 @@ def abc_slot_gates(s: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
 
     Returns ``(s_normalized in s's dtype, g)``, both ``[B, T, H, M]``, contiguous, differentiable
     w.r.t. ``s``. ``g`` and the arithmetic are fp32, or float64 for float64 ``s`` (a reference run).
-    Varlen sequences are scanned one after another.
+
+    CUDA tensors (and any under the Triton interpreter) run one Triton kernel forward and one backward
+    (:mod:`fla_gsa.ops.gsa.abc_gates`); CPU tensors and float64 run PyTorch, scanning varlen
+    sequences one after another.
     """
+    if use_kernels(s):
+        return abc_slot_gates_triton(s, cu_seqlens)
     x = s.to(torch.promote_types(s.dtype, torch.float32))
     spans = [(0, s.shape[1])] if cu_seqlens is None else [(b, e) for _, b, e in seq_bounds(cu_seqlens, *s.shape[:2])]
     outs, gates = [], []

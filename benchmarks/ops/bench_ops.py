@@ -1,7 +1,8 @@
 """Op benchmarks on a GPU: fla_gsa against flash-linear-attention (when installed) and SDPA.
 
 Forward, forward+backward and one-token decode, timed with ``triton.testing.do_bench`` medians in one
-process, side by side, with the peak extra memory of forward+backward. Prints a table, writes CSV (and
+process, side by side, with the GPU time of the same calls (the sum of their kernels' durations, from
+``torch.profiler``) and the peak extra memory of forward+backward. Prints a table, writes CSV (and
 a PNG plot of time against sequence length when matplotlib is there).
 
     python benchmarks/ops/bench_ops.py                       # the default table (16K tokens per batch)
@@ -88,6 +89,23 @@ def _time(fn, warmup_calls=3):
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
+def _gpu_ms(fn, n=10):
+    """GPU time of one call: the sum of its kernels' durations (``torch.profiler``), averaged over ``n``
+    calls. Unlike ``do_bench``'s wall time between events, this leaves out the time the GPU waits for the
+    host to launch the next kernel, which at these sizes can be most of a call (about 0.1 ms per launch
+    was measured on the lent H100's host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / n / 1e3
+
+
 def _peak_extra_mb(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -102,7 +120,8 @@ def bench_chunk(op, lib, fn, B, T, a, rows, modes):
         args = _inputs(op, B, T, a, torch.bfloat16, False)
         with torch.no_grad():
             ms = _time(lambda: fn(*args))
-        rows.append(dict(op=op, mode="fwd", B=B, T=T, lib=lib, ms=ms))
+            gpu = _gpu_ms(lambda: fn(*args))
+        rows.append(dict(op=op, mode="fwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=gpu))
     if "fwdbwd" in modes:
         args = _inputs(op, B, T, a, torch.bfloat16, True)
         do = None
@@ -116,7 +135,7 @@ def bench_chunk(op, lib, fn, B, T, a, rows, modes):
 
         ms = _time(step)
         mb = _peak_extra_mb(step)
-        rows.append(dict(op=op, mode="fwdbwd", B=B, T=T, lib=lib, ms=ms, peak_mb=mb))
+        rows.append(dict(op=op, mode="fwdbwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=_gpu_ms(step), peak_mb=mb))
 
 
 def bench_decode(lib, fn, B, a, rows):
@@ -129,7 +148,8 @@ def bench_decode(lib, fn, B, a, rows):
     with torch.no_grad():
         step = lambda: fn(q, k, v, s, g, initial_state=state, output_final_state=True)  # noqa: E731
         ms = _time(step)
-        rows.append(dict(op="gsa", mode="decode", B=B, T=1, lib=lib, ms=ms, host_us=_host_us(step)))
+        rows.append(dict(op="gsa", mode="decode", B=B, T=1, lib=lib, ms=ms, gpu_ms=_gpu_ms(step),
+                         host_us=_host_us(step)))
 
 
 def _host_us(fn, n=1000):
@@ -150,8 +170,8 @@ def bench_sdpa(B, T, rows, modes):
     q, k, v = (torch.randn(B, 16, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     if "fwd" in modes:
         with torch.no_grad():
-            rows.append(dict(op="sdpa", mode="fwd", B=B, T=T, lib="torch",
-                             ms=_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))))
+            fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            rows.append(dict(op="sdpa", mode="fwd", B=B, T=T, lib="torch", ms=_time(fwd), gpu_ms=_gpu_ms(fwd)))
     if "fwdbwd" in modes:
         do = torch.randn_like(q)
 
@@ -159,7 +179,8 @@ def bench_sdpa(B, T, rows, modes):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             torch.autograd.grad(o, (q, k, v), do)
 
-        rows.append(dict(op="sdpa", mode="fwdbwd", B=B, T=T, lib="torch", ms=_time(step), peak_mb=_peak_extra_mb(step)))
+        rows.append(dict(op="sdpa", mode="fwdbwd", B=B, T=T, lib="torch", ms=_time(step), gpu_ms=_gpu_ms(step),
+                         peak_mb=_peak_extra_mb(step)))
 
 
 def main(argv=None):
@@ -208,25 +229,31 @@ def _run(a, ops, modes, shapes, libs, rows):
 
 
 def _report(a, rows):
-    # ratio of every fla_gsa row to the matching fla row
-    ref = {(r["op"], r["mode"], r["B"], r["T"]): r["ms"] for r in rows if r["lib"] == "fla"}
+    # ratio of every fla_gsa row to the matching fla row, in wall time and in GPU (kernel) time
+    ref = {(r["op"], r["mode"], r["B"], r["T"]): r for r in rows if r["lib"] == "fla"}
     for r in rows:
-        base = ref.get((r["op"], r["mode"], r["B"], r["T"]))
-        r["vs_fla"] = r["ms"] / base if base and r["lib"] != "fla" else None
+        base = ref.get((r["op"], r["mode"], r["B"], r["T"])) if r["lib"] != "fla" else None
+        r["vs_fla"] = r["ms"] / base["ms"] if base else None
+        r["gpu_vs_fla"] = r["gpu_ms"] / base["gpu_ms"] if base and r.get("gpu_ms") and base.get("gpu_ms") else None
 
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{time.strftime('%Y-%m-%d')} | python {platform.python_version()}")
-    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':13} {'ms':>9} {'x fla':>7} {'peak MB':>9} {'host us':>8}")
+    print("ms: do_bench median (wall time between events); GPU ms: sum of the call's kernel durations")
+    print(f"{'op':6} {'mode':7} {'BxT':>9} {'lib':13} {'ms':>9} {'x fla':>7} {'GPU ms':>8} {'x fla':>7} "
+          f"{'peak MB':>9} {'host us':>8}")
+
+    def fmt(x, spec):
+        return format(x, spec) if x is not None else ""
+
     for r in rows:
-        ratio = f"{r['vs_fla']:.2f}" if r.get("vs_fla") else ""
-        mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
-        host = f"{r['host_us']:.0f}" if r.get("host_us") is not None else ""
-        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:13} {r['ms']:9.3f} {ratio:>7} "
-              f"{mb:>9} {host:>8}")
+        print(f"{r['op']:6} {r['mode']:7} {str(r['B']) + 'x' + str(r['T']):>9} {r['lib']:13} {r['ms']:9.3f} "
+              f"{fmt(r.get('vs_fla'), '.2f'):>7} {fmt(r.get('gpu_ms'), '.3f'):>8} {fmt(r.get('gpu_vs_fla'), '.2f'):>7} "
+              f"{fmt(r.get('peak_mb'), '.0f'):>9} {fmt(r.get('host_us'), '.0f'):>8}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "bench_ops.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["op", "mode", "B", "T", "lib", "ms", "vs_fla", "peak_mb", "host_us"])
+            w = csv.DictWriter(f, fieldnames=["op", "mode", "B", "T", "lib", "ms", "vs_fla", "gpu_ms", "gpu_vs_fla",
+                                              "peak_mb", "host_us"])
             w.writeheader()
             w.writerows(rows)
         _plot(rows, os.path.join(a.out, "bench_ops.png"))

@@ -1,7 +1,7 @@
 """Building blocks of the layers and models: norms, the gated MLP, the short convolution, rotary
 embeddings and the fused (linear) cross entropy. Each runs Triton kernels on CUDA tensors (and under
 ``TRITON_INTERPRET=1``) where it has them, plain PyTorch on CPU tensors."""
-from fla_gsa.modules.activations import swiglu
+from fla_gsa.modules.activations import swiglu, swiglu_linear
 from fla_gsa.modules.convolution import ShortConvolution
 from fla_gsa.modules.cross_entropy import FusedCrossEntropyLoss, fused_cross_entropy
 from fla_gsa.modules.linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
@@ -16,6 +16,7 @@ __all__ = [
     "rms_norm_gated",
     "GatedMLP",
     "swiglu",
+    "swiglu_linear",
     "ShortConvolution",
     "RotaryEmbedding",
     "apply_rotary",

@@ -1,9 +1,14 @@
-"""SwiGLU, ``swiglu(a, b) = silu(a) · b``, as one elementwise kernel each way.
+"""SwiGLU, ``swiglu(a, b) = silu(a) · b``, as one elementwise kernel each way, and
+``swiglu_linear``, SwiGLU followed by a linear layer (a SwiGLU MLP's down projection).
 
 The backward recomputes ``sigmoid(a)`` from the saved inputs instead of saving ``silu(a)``: only
 ``a`` and ``b`` (already alive for the projections' backward) are kept, never the intermediate.
 
     da = dy · b · σ(a) · (1 + a · (1 − σ(a)))        db = dy · a · σ(a)
+
+``swiglu_linear`` also leaves out the product ``h = swiglu(a, b)`` that the linear layer's backward
+would otherwise keep (``[tokens, intermediate]``, 176 MiB per layer of a 1.3B model at 16K tokens): its
+backward recomputes ``h`` for the weight gradient.
 """
 from __future__ import annotations
 
@@ -42,24 +47,67 @@ def swiglu_bwd_kernel(a, b, dy, da, db, n, BLOCK: tl.constexpr):
     tl.store(db + o, b_db.to(db.dtype.element_ty), mask=m)
 
 
+def _swiglu_fwd(a, b):
+    """``silu(a) · b`` of contiguous ``a``, ``b`` (fp32 arithmetic, ``a``'s dtype)."""
+    if not use_triton(a):
+        return (F.silu(a.float()) * b.float()).to(a.dtype)
+    y = torch.empty_like(a)
+    n = a.numel()
+    swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
+    return y
+
+
+def _swiglu_bwd(a, b, dy):
+    """``(da, db)`` of ``silu(a) · b`` for contiguous ``a``, ``b``, ``dy``."""
+    if not use_triton(a):
+        af, bf, dyf = a.float(), b.float(), dy.float()
+        sig = torch.sigmoid(af)
+        return (dyf * bf * sig * (1 + af * (1 - sig))).to(a.dtype), (dyf * af * sig).to(b.dtype)
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, dy, da, db, n, BLOCK=BLOCK)
+    return da, db
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
-        y = torch.empty_like(a)
-        n = a.numel()
-        swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
         ctx.save_for_backward(a, b)
-        return y
+        return _swiglu_fwd(a, b)
 
     @staticmethod
     def backward(ctx, dy):
         a, b = ctx.saved_tensors
-        dy = dy.contiguous()
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        n = a.numel()
-        swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, dy, da, db, n, BLOCK=BLOCK)
-        return da, db
+        return _swiglu_bwd(a, b, dy.contiguous())
+
+
+class SwiGLULinearFunction(torch.autograd.Function):
+    # The linear layer runs in the activations' dtype (as autocast would run it); the weight's
+    # gradient is cast back to the weight's dtype.
+    @staticmethod
+    def forward(ctx, a, b, weight, bias):
+        a, b = a.contiguous(), b.contiguous()
+        h = _swiglu_fwd(a, b)
+        y = F.linear(h, weight.to(h.dtype), bias.to(h.dtype) if bias is not None else None)
+        ctx.save_for_backward(a, b, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh = (dy2 @ weight.to(dy.dtype)).view(a.shape).contiguous()
+        dw = db_ = None
+        if ctx.needs_input_grad[2]:
+            h = _swiglu_fwd(a, b).reshape(-1, a.shape[-1])  # recomputed, never kept
+            dw = (dy2.t() @ h.to(dy.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db_ = dy2.sum(0).to(ctx.bias_dtype)
+        da, db = _swiglu_bwd(a, b, dh.to(a.dtype))
+        return da, db, dw, db_
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,3 +138,41 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return SwiGLUFunction.apply(a, b)
     acc = torch.promote_types(a.dtype, torch.float32)
     return (F.silu(a.to(acc)) * b.to(acc)).to(a.dtype)
+
+
+def swiglu_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(swiglu(a, b), weight, bias)`` without keeping ``swiglu(a, b)`` for the backward
+    (it is recomputed there). The product runs in ``a``'s dtype (the weight and bias are cast to it, as
+    under autocast); gradients come back in each input's dtype.
+
+    Args:
+        a: gate activations ``[..., I]``, float16/bfloat16/float32 (float64: plain PyTorch).
+        b: up activations, the shape and dtype of ``a``.
+        weight: ``[O, I]``.
+        bias: ``[O]`` or None.
+
+    Returns:
+        ``[..., O]`` in ``a``'s dtype.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.modules.activations import swiglu, swiglu_linear
+        >>> a, b, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(5, 8)
+        >>> torch.allclose(swiglu_linear(a, b, w), swiglu(a, b) @ w.t(), atol=1e-5)
+        True
+    """
+    check_tensor(a, "a")
+    check_tensor(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+    if weight.ndim != 2 or weight.shape[1] != a.shape[-1]:
+        raise ValueError(f"weight must have shape [O, {a.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_same_device({"a": a, "b": b, "weight": weight, "bias": bias})
+    if a.dtype == torch.float64 or a.numel() == 0:
+        return F.linear(swiglu(a, b), weight.to(a.dtype), bias.to(a.dtype) if bias is not None else None)
+    return SwiGLULinearFunction.apply(a, b, weight, bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fla_gsa.modules.activations import swiglu
+from fla_gsa.modules.activations import swiglu_linear
 
 _SWISH = ("swish", "silu")
 
@@ -74,4 +74,5 @@ class GatedMLP(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., {self.hidden_size}] (hidden_size), got {tuple(x.shape)}")
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        # the down projection's input, swiglu(gate, up), is recomputed in the backward instead of kept
+        return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fla_gsa.modules import GatedMLP, swiglu
+from fla_gsa.modules.activations import swiglu_linear
 from fla_gsa.modules.mlp import default_intermediate_size
 from conftest import DEVICE, assert_rel
 
@@ -36,6 +37,41 @@ def test_swiglu_non_contiguous():
     a = torch.randn(20, 30, device=DEVICE).t()
     b = torch.randn(30, 20, device=DEVICE)
     assert_rel("y", swiglu(a, b), F.silu(a.double()) * b.double(), 1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_linear(dtype, bias):
+    # against float64 composition: the output and the gradients of a, b, weight, bias; the
+    # intermediate swiglu(a, b) is recomputed in the backward, never kept
+    a = (3 * torch.randn(2, 37, 96, device=DEVICE)).to(dtype).requires_grad_()
+    b = torch.randn(2, 37, 96, device=DEVICE).to(dtype).requires_grad_()
+    w = (torch.randn(40, 96, device=DEVICE) / 10).requires_grad_()  # fp32 weight, as under autocast
+    bb = torch.randn(40, device=DEVICE).requires_grad_() if bias else None
+    leaves = [x for x in (a, b, w, bb) if x is not None]
+    y = swiglu_linear(a, b, w, bb)
+    ref = F.linear(F.silu(a.double()) * b.double(), w.double(), bb.double() if bias else None)
+    assert y.dtype == dtype and y.shape == (2, 37, 40)
+    tol = 1e-6 if dtype == torch.float32 else 1.5e-2
+    assert_rel("y", y, ref, tol)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad((y.double() * dy).sum(), leaves)
+    rgrads = torch.autograd.grad((ref * dy).sum(), leaves)
+    for name, g, r, x in zip("abwc", grads, rgrads, leaves):
+        assert g.dtype == x.dtype
+        assert_rel("d" + name, g, r, tol)
+
+
+def test_swiglu_linear_saves_no_intermediate():
+    # what autograd keeps: a, b and the weight, nothing of the [.., I] product
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(8, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu_linear(a, b, w)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert ptrs <= {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
 
 
 def test_swiglu_bad_inputs():

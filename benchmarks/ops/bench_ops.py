@@ -15,6 +15,7 @@ machine); every case is warmed up before it is timed.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import functools
 import os
@@ -89,21 +90,33 @@ def _time(fn, warmup_calls=3):
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
-def _gpu_ms(fn, n=10):
-    """GPU time of one call: the sum of its kernels' durations (``torch.profiler``), averaged over ``n``
-    calls. Unlike ``do_bench``'s wall time between events, this leaves out the time the GPU waits for the
-    host to launch the next kernel, which at these sizes can be most of a call (about 0.1 ms per launch
-    was measured on the lent H100's host)."""
+def kernel_table(fn, iters: int = 10):
+    """``[(kernel name, launches per call, GPU ms per call)]`` of ``fn``, largest first, from
+    ``torch.profiler`` over ``iters`` calls (after warm-up calls)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    for _ in range(3):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
+        for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in kernels) / n / 1e3
+    total = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            entry = total[ev.name]
+            entry[0] += 1
+            entry[1] += ev.device_time_total / 1e3
+    rows = [(name, n / iters, ms / iters) for name, (n, ms) in total.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def _gpu_ms(fn):
+    """GPU time of one call: the sum of its kernels' durations. Unlike ``do_bench``'s wall time between
+    events, this leaves out the time the GPU waits for the host to launch the next kernel, which at
+    these sizes can be most of a call (about 0.1 ms per launch on the lent H100's host)."""
+    return sum(ms for _, _, ms in kernel_table(fn))
 
 
 def _peak_extra_mb(fn):

@@ -19,7 +19,9 @@ from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads, rotate
 from fla_gsa.modules import FusedRMSNormGated, RotaryEmbedding
 from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
+from fla_gsa.ops.gsa.abc_gates import abc_slot_gates_triton
 from fla_gsa.ops.gsa.utils import logcumsumexp_time
+from fla_gsa.ops.utils.backend import use_kernels
 
 # Log-sum-exp of "nothing yet" and the slot logit given to padding. Finite, so no inf − inf appears in
 # values or gradients; far enough below any clamped logit (|e| <= 32) that exp(NEG - z) is exactly 0 in
@@ -30,20 +32,29 @@ NEG = -1.0e4
 def abc_slot_gates(e: torch.Tensor, z0: torch.Tensor | None, mask: torch.Tensor | None):
     """ABC's writes and gates from slot logits ``e [B, T, H, M]``, continuing the running
     log-sum-exp ``z0 [B, H, M]`` (None: a fresh sequence). Padded positions (``mask [B, T]`` False)
-    leave ``z`` unchanged.
+    take the logit ``NEG``, which leaves ``z`` unchanged once it holds a real token.
 
-    Returns ``(s, g, z_T)``: ``s`` in ``e``'s dtype, ``g`` and ``z_T [B, H, M]`` in fp32. The first token
-    of a fresh sequence gets ``g = 0`` (the state it would forget is empty)."""
-    e = e.float()
+    Returns ``(s, g, z_T)``, ``s`` and ``g [B, T, H, M]`` and ``z_T [B, H, M]`` (the ``z0`` of the next
+    call), all fp32 (float64 for float64 ``e``: a reference run). ``g = 0`` where the previous ``z`` is
+    empty (``<= NEG / 2``: a fresh sequence's first real token and any padding before it), since the
+    state it would forget is empty.
+
+    CUDA tensors (and any under the Triton interpreter) run the Triton kernels of
+    :mod:`fla_gsa.ops.gsa.abc_gates`, with the same rules; CPU tensors and float64 run PyTorch.
+    ``z0`` gets a gradient on both paths, though the layer passes it detached (cached state)."""
+    x = e.to(torch.promote_types(e.dtype, torch.float32))
     if mask is not None:
-        e = e.masked_fill(~mask[:, :, None, None], NEG)
-    z = logcumsumexp_time(e)
+        x = x.masked_fill(~mask[:, :, None, None], NEG)
+    if use_kernels(e, z0):
+        return abc_slot_gates_triton(x, z0=None if z0 is None else z0.float(), z_empty=NEG / 2,
+                                     output_final_z=True)
+    z = logcumsumexp_time(x)
     if z0 is not None:
-        z = torch.logaddexp(z0[:, None].float(), z)
-    first = z0[:, None].float() if z0 is not None else z.new_full(z[:, :1].shape, NEG)
-    z_prev = torch.cat([first, z[:, :-1]], dim=1)
+        z0 = z0[:, None].to(x.dtype)
+        z = torch.logaddexp(z0, z)
+    z_prev = torch.cat([z0 if z0 is not None else z.new_full(z[:, :1].shape, NEG), z[:, :-1]], dim=1)
     g = torch.where(z_prev > NEG / 2, z_prev - z, torch.zeros_like(z))
-    s = (e - z).exp()
+    s = (x - z).exp()
     return s, g, z[:, -1]
 
 

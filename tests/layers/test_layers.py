@@ -252,3 +252,18 @@ def test_triton_decode_small(kind):
     x = x_of(2, 18)
     stepped, _ = decode(layer, x, prefill=16)
     assert_rel(f"{kind} decode", stepped, layer(x)[0], 1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("pad", [5, 13])
+def test_triton_abc_padded_prefill_then_decode(pad):
+    """ABC's slot normalizer on its kernel path through padding and the cache (its running log-sum-exp
+    carried from call to call), cheap enough for the interpreter: a left-padded prefill of 12 tokens, the
+    padded row empty in it when ``pad = 13``, then three decoding steps."""
+    layer = make("abc")
+    x = x_of(2, 15)
+    mask = torch.ones(2, 15, dtype=torch.long, device=DEVICE)
+    mask[1, :pad] = 0
+    stepped, _ = decode(layer, x, prefill=12, mask=mask)
+    assert_rel("abc padded row", stepped[1, pad:], layer(x[1:, pad:])[0][0], 1e-4)
+    assert_rel("abc full row", stepped[0], layer(x[:1])[0][0], 1e-4)

@@ -110,6 +110,15 @@ class SwiGLULinearFunction(torch.autograd.Function):
         return da, db, dw, db_
 
 
+def _check_pair(a, b):
+    check_tensor(a, "a")
+    check_tensor(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+
+
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``silu(a) · b``, computed in fp32 and returned in the inputs' dtype.
 
@@ -127,12 +136,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> [round(v, 4) for v in swiglu(a, b).tolist()]
         [0.0, 1.4621]
     """
-    check_tensor(a, "a")
-    check_tensor(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+    _check_pair(a, b)
     check_same_device({"a": a, "b": b})
     if use_triton(a) and a.dtype != torch.float64 and a.numel() > 0:
         return SwiGLUFunction.apply(a, b)
@@ -162,12 +166,7 @@ def swiglu_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
         >>> torch.allclose(swiglu_linear(a, b, w), swiglu(a, b) @ w.t(), atol=1e-5)
         True
     """
-    check_tensor(a, "a")
-    check_tensor(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+    _check_pair(a, b)
     if weight.ndim != 2 or weight.shape[1] != a.shape[-1]:
         raise ValueError(f"weight must have shape [O, {a.shape[-1]}], got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

@@ -25,6 +25,28 @@ from fla_gsa.ops.utils.triton_utils import load_row, load_tile, next_pow2, seq_b
 
 
 @triton.jit
+def _carry(b, seg, seg_gk, seg_gv, p_seg, o_k, o_v, m_k, m_v, m_kv, o_kv, K: tl.constexpr, V: tl.constexpr,
+           USE_GK: tl.constexpr, USE_GV: tl.constexpr):
+    """Carry ``b`` over one segment: decay it by the segment's total log-gates, add its own result."""
+    if USE_GK:
+        b = b * tl.exp(tl.load(seg_gk + p_seg * K + o_k, mask=m_k, other=0))[:, None]
+    if USE_GV:
+        b = b * tl.exp(tl.load(seg_gv + p_seg * V + o_v, mask=m_v, other=0))[None, :]
+    return b + tl.load(seg + p_seg * K * V + o_kv, mask=m_kv, other=0)
+
+
+@triton.jit
+def _store_segment(b, b_tk, b_tv, seg, seg_gk, seg_gv, p_seg, i_k, i_v, o_k, o_v, m_k, m_v, m_kv, o_kv,
+                   K: tl.constexpr, V: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr):
+    """A REDUCE program's results: the segment's state and its total log-gates (each written once)."""
+    tl.store(seg + p_seg * K * V + o_kv, b, mask=m_kv)
+    if USE_GK:
+        tl.store(seg_gk + p_seg * K + o_k, b_tk, mask=m_k & (o_k * 0 + i_v == 0))
+    if USE_GV:
+        tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
+
+
+@triton.jit
 def chunk_fwd_h_kernel(
     k, v, gk, gv, h, h0, ht, seg, seg_gk, seg_gv, cu_seqlens, chunk_offsets, T, NS, L,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -64,12 +86,8 @@ def chunk_fwd_h_kernel(
             b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
         if SPLIT:
             for i_p in range(0, i_s):  # the segments before this one: h <- decay * h + their end state
-                p_seg = i_nh.to(tl.int64) * NS + i_p
-                if USE_GK:
-                    b_h = b_h * tl.exp(tl.load(seg_gk + p_seg * K + o_k, mask=m_k, other=0))[:, None]
-                if USE_GV:
-                    b_h = b_h * tl.exp(tl.load(seg_gv + p_seg * V + o_v, mask=m_v, other=0))[None, :]
-                b_h += tl.load(seg + p_seg * K * V + o_kv, mask=m_kv, other=0)
+                b_h = _carry(b_h, seg, seg_gk, seg_gv, i_nh.to(tl.int64) * NS + i_p, o_k, o_v, m_k, m_v, m_kv,
+                             o_kv, K, V, USE_GK, USE_GV)
 
     for i_t in range(i_s * L, tl.minimum(i_s * L + L, NT)):
         if not REDUCE:
@@ -94,12 +112,8 @@ def chunk_fwd_h_kernel(
         b_h += tl.dot(tl.trans(b_k.to(DT)), b_v.to(DT), input_precision=PREC)
 
     if REDUCE:
-        p_seg = i_nh.to(tl.int64) * NS + i_s
-        tl.store(seg + p_seg * K * V + o_kv, b_h, mask=m_kv)
-        if USE_GK:
-            tl.store(seg_gk + p_seg * K + o_k, b_tk, mask=m_k & (o_k * 0 + i_v == 0))
-        if USE_GV:
-            tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
+        _store_segment(b_h, b_tk, b_tv, seg, seg_gk, seg_gv, i_nh.to(tl.int64) * NS + i_s, i_k, i_v, o_k, o_v, m_k,
+                       m_v, m_kv, o_kv, K, V, USE_GK, USE_GV)
     elif STORE_HT:
         if i_s == NS - 1:
             tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
@@ -147,12 +161,8 @@ def chunk_bwd_dh_kernel(
             b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0).to(tl.float32)
         if SPLIT:
             for i_p in range(0, NS - 1 - i_s):  # the segments after this one, last first
-                p_seg = i_nh.to(tl.int64) * NS + NS - 1 - i_p
-                if USE_GK:
-                    b_dh = b_dh * tl.exp(tl.load(seg_gk + p_seg * K + o_k, mask=m_k, other=0))[:, None]
-                if USE_GV:
-                    b_dh = b_dh * tl.exp(tl.load(seg_gv + p_seg * V + o_v, mask=m_v, other=0))[None, :]
-                b_dh += tl.load(seg + p_seg * K * V + o_kv, mask=m_kv, other=0)
+                b_dh = _carry(b_dh, seg, seg_gk, seg_gv, i_nh.to(tl.int64) * NS + NS - 1 - i_p, o_k, o_v, m_k,
+                              m_v, m_kv, o_kv, K, V, USE_GK, USE_GV)
 
     t_end = tl.minimum(i_s * L + L, NT)
     for i in range(0, t_end - i_s * L):
@@ -194,12 +204,8 @@ def chunk_bwd_dh_kernel(
         b_dh += scale * b_acc
 
     if REDUCE:
-        p_seg = i_nh.to(tl.int64) * NS + i_s
-        tl.store(seg + p_seg * K * V + o_kv, b_dh, mask=m_kv)
-        if USE_GK:
-            tl.store(seg_gk + p_seg * K + o_k, b_tk, mask=m_k & (o_k * 0 + i_v == 0))
-        if USE_GV:
-            tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
+        _store_segment(b_dh, b_tk, b_tv, seg, seg_gk, seg_gv, i_nh.to(tl.int64) * NS + i_s, i_k, i_v, o_k, o_v, m_k,
+                       m_v, m_kv, o_kv, K, V, USE_GK, USE_GV)
     elif STORE_DH0:
         if i_s == 0:
             tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)

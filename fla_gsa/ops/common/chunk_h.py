@@ -257,11 +257,21 @@ def _scan_setup(x, cu_seqlens, chunk_size):
 
 
 def _segment_buffers(x, NH, NS, K, V, gk, gv):
-    """fp32 per-segment results of a REDUCE launch: states ``[NH, NS, K, V]`` and total log-gates."""
+    """fp32 per-segment results of a REDUCE launch: states ``[NH, NS, K, V]`` and total log-gates (all
+    None for one segment)."""
+    if NS == 1:
+        return None, None, None
     seg = x.new_empty(NH, NS, K, V, dtype=torch.float32)
     seg_gk = x.new_empty(NH, NS, K, dtype=torch.float32) if gk is not None else None
     seg_gv = x.new_empty(NH, NS, V, dtype=torch.float32) if gv is not None else None
     return seg, seg_gk, seg_gv
+
+
+def _launch_scan(kernel, NK, NV, NH, NS, args, meta):
+    """The REDUCE launch over segments 0 .. NS-2 (fwd) / 1 .. NS-1 (bwd) if there are several, then the scan."""
+    if NS > 1:
+        kernel[(NK, NV, NH * (NS - 1))](*args, REDUCE=True, **meta)
+    kernel[(NK, NV, NH * NS)](*args, REDUCE=False, **meta)
 
 
 def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
@@ -275,18 +285,14 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
     h = k.new_empty(NT, H, K, V, dtype=states_dtype or k.dtype)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     BK, BV, NS, L = scan_plan(K, V, N * H, NT_seq)
-    seg = seg_gk = seg_gv = None
-    if NS > 1:
-        seg, seg_gk, seg_gv = _segment_buffers(k, N * H, NS, K, V, gk, gv)
+    seg, seg_gk, seg_gv = _segment_buffers(k, N * H, NS, K, V, gk, gv)
     meta = dict(H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
                 USE_H0=initial_state is not None, STORE_HT=output_final_state, SPLIT=NS > 1,
                 IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
                 num_warps=4)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     args = (k, v, gk, gv, h, initial_state, ht, seg, seg_gk, seg_gv, cu_seqlens, offsets, T, NS, L)
-    if NS > 1:
-        chunk_fwd_h_kernel[(NK, NV, N * H * (NS - 1))](*args, REDUCE=True, **meta)
-    chunk_fwd_h_kernel[(NK, NV, N * H * NS)](*args, REDUCE=False, **meta)
+    _launch_scan(chunk_fwd_h_kernel, NK, NV, N * H, NS, args, meta)
     return h, ht
 
 
@@ -309,15 +315,11 @@ def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0,
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     hdk = q.new_empty(NV, NT, H, K, dtype=torch.float32) if need_hdk else None
     hdv = q.new_empty(NK, NT, H, V, dtype=torch.float32) if need_hdv else None
-    seg = seg_gk = seg_gv = None
-    if NS > 1:
-        seg, seg_gk, seg_gv = _segment_buffers(q, N * H, NS, K, V, gk, gv)
+    seg, seg_gk, seg_gv = _segment_buffers(q, N * H, NS, K, V, gk, gv)
     meta = dict(H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
                 USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, STORE_HDK=need_hdk,
                 STORE_HDV=need_hdv, SPLIT=NS > 1, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype),
                 PREC=dot_precision(compute_dtype), num_warps=4)
     args = (q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, seg, seg_gk, seg_gv, cu_seqlens, offsets, scale, T, NT, NS, L)
-    if NS > 1:
-        chunk_bwd_dh_kernel[(NK, NV, N * H * (NS - 1))](*args, REDUCE=True, **meta)
-    chunk_bwd_dh_kernel[(NK, NV, N * H * NS)](*args, REDUCE=False, **meta)
+    _launch_scan(chunk_bwd_dh_kernel, NK, NV, N * H, NS, args, meta)
     return dh, dh0, hdk, hdv

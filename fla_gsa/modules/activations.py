@@ -167,8 +167,11 @@ def swiglu_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
         True
     """
     _check_pair(a, b)
+    check_tensor(weight, "weight")
     if weight.ndim != 2 or weight.shape[1] != a.shape[-1]:
         raise ValueError(f"weight must have shape [O, {a.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     check_same_device({"a": a, "b": b, "weight": weight, "bias": bias})

@@ -74,6 +74,20 @@ def test_swiglu_linear_saves_no_intermediate():
     assert ptrs <= {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
 
 
+def test_swiglu_linear_bad_inputs():
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        swiglu_linear(a, b, [[0.0] * 8])
+    with pytest.raises(ValueError, match=r"weight must have shape \[O, 8\]"):
+        swiglu_linear(a, b, torch.randn(5, 7))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        swiglu_linear(a, b, torch.randn(5, 8), 1.0)
+    with pytest.raises(ValueError, match=r"bias must have shape \[5\]"):
+        swiglu_linear(a, b, torch.randn(5, 8), torch.randn(4))
+    with pytest.raises(ValueError, match="b must have the shape"):
+        swiglu_linear(a, torch.randn(3, 7), torch.randn(5, 8))
+
+
 def test_swiglu_bad_inputs():
     with pytest.raises(ValueError, match="b must have the shape"):
         swiglu(torch.randn(3, 4), torch.randn(4, 3))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, INTERPRET, assert_rel
 
 from fla_gsa.ops.common import chunk_o
+from fla_gsa.ops.utils.backend import DIAG_DOT_MAX_DECAY
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
 from fla_gsa.ops.utils.index import seq_bounds
 
@@ -23,9 +24,12 @@ TOL = 1e-5
 
 
 def gates(B, T, H, D, strong, BT, cu_seqlens):
-    g = F.logsigmoid(torch.randn(B, T, H, D, device=DEVICE))
-    if strong:
-        g = g - 19.5
+    """In-chunk cumsums of random log gates; ``strong`` True subtracts 19.5 per step, a number sets
+    every step's log gate to ``-strong`` exactly."""
+    if strong is not False and strong is not True:
+        g = torch.full((B, T, H, D), -float(strong), device=DEVICE)
+    else:
+        g = F.logsigmoid(torch.randn(B, T, H, D, device=DEVICE)) - (19.5 if strong else 0.0)
     return cumsum_fwd(g, BT, cu_seqlens=cu_seqlens)
 
 
@@ -118,6 +122,23 @@ def test_against_float64(upper, T, BT):
     # G, no_diag and the gate strength vary with the case, each value over every (T, BT)
     k = [1, 15, 64, 100, 130].index(T) + BT // 16
     check(upper, T, BT, G=1 + k % 2, no_diag=k % 3 != 0, strong=k % 4 >= 2)
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+@pytest.mark.parametrize("side", [-0.5, 0.5], ids=["below", "above"])
+def test_block_decay_at_the_limit(upper, side):
+    # Every step decays by the same amount, so a block of 16 rows decays by 15 steps' worth: just below
+    # DIAG_DOT_MAX_DECAY the diagonal block is one product whose factors reach e^19.5; just above, the
+    # exact loop. Both must match float64 to fp32 accuracy (also rows past the end: T = 100).
+    step = (DIAG_DOT_MAX_DECAY + side) / 15
+    check(upper, 100, 64, G=2, no_diag=True, strong=step, DP=20, DY=40)
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_exact_diagonal_with_weak_gates(upper, monkeypatch):
+    # the exact loop (always taken for fp16) with weak gates, where fp32 and bf16 would take the product
+    monkeypatch.setattr(chunk_o, "diag_dot_limit", lambda dtype: -1.0)
+    check(upper, 100, 64, G=2, no_diag=True, strong=False)
 
 
 @pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])

@@ -22,9 +22,10 @@ heads, so GQA never materializes repeated tensors.
 
 Numerics of the gated sum over rows (``Gy``): the rows are split into blocks of ``BC = GATED_BLOCK`` (16) and the
 block-to-block part is factored through a reference row between the two blocks (both factors ``<= 1``);
-the diagonal block forms ``e^{Gy_i - Gy_j}`` exactly, one row or column at a time (a runtime loop: unrolled,
-it compiled ~4 s slower and ran 10% slower for GLA on an H100), masked in the
-exponent. Without ``Gy`` a chunk is one product.
+the diagonal block joins that product when ``Gy`` decays by at most ``DIAG_MAX`` across the block (its
+factors are then bounded; see ``backend.DIAG_DOT_MAX_DECAY``), and otherwise (strong gates) forms
+``e^{Gy_i - Gy_j}`` exactly, one row or column at a time (a runtime loop: unrolled, it compiled ~4 s slower
+and ran 10% slower for GLA on an H100), masked in the exponent. Without ``Gy`` a chunk is one product.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_gsa.ops.utils.backend import dot_precision
+from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import broadcast_lt, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
 
@@ -67,7 +68,7 @@ def chunk_apply_lower_kernel(
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -95,23 +96,27 @@ def chunk_apply_lower_kernel(
         b_gy = load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r
         b_y = b_y * tl.where(m_i[:, None], tl.exp(b_gy), 0)
-        # rows j of earlier blocks: e^{Gy_i - Gy_j} = e^{Gy_i - Gy_r} e^{Gy_r - Gy_j}
-        m_off = (o_j < r) & (o_j < T)  # r may lie past the end of the sequence
-        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_off[None, :], other=0)
+        # rows j of earlier blocks: e^{Gy_i - Gy_j} = e^{Gy_i - Gy_r} e^{Gy_r - Gy_j}; the rows j < i of
+        # this block too when the gates decay little across it (then e^{Gy_r - Gy_j} <= e^DIAG_MAX)
+        fast = tl.max(tl.where(m_i[:, None] & m_y[None, :], b_gr[None, :] - b_gy, 0)) <= DIAG_MAX
+        m_off = (o_j < r + BC * fast.to(tl.int32)) & (o_j < T)  # r may lie past the end of the sequence
+        m_a = m_i[:, None] & m_off[None, :] & (o_j[None, :] < o_i[:, None])
+        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)
         b_x = load_tile(x, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
         b_gx = load_tile(gy, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)
         b_x = b_x * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gx), 0)
         b_o = tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
         b_y += b_o * tl.exp(tl.where(m_i[:, None], b_gy - b_gr[None, :], float("-inf")))
-        # the diagonal block, one column j at a time
-        for jj in range(0, BC):
-            j = r + jj
-            jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
-            b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
-            b_xj = load_row(x, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
-            b_gj = load_row(gy, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
-            m_e = m_i[:, None] & (o_i[:, None] > j)
-            b_y += b_aj[:, None] * b_xj[None, :] * tl.exp(tl.where(m_e, b_gy - b_gj[None, :], float("-inf")))
+        if not fast:
+            # the diagonal block, one column j at a time
+            for jj in range(0, BC):
+                j = r + jj
+                jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
+                b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
+                b_xj = load_row(x, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
+                b_gj = load_row(gy, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
+                m_e = m_i[:, None] & (o_i[:, None] > j)
+                b_y += b_aj[:, None] * b_xj[None, :] * tl.exp(tl.where(m_e, b_gy - b_gj[None, :], float("-inf")))
     else:
         m_j = (o_j < T)[None, :] & (o_j[None, :] < o_i[:, None])
         b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_j, other=0)  # [BC, BT]
@@ -131,7 +136,7 @@ def chunk_apply_upper_kernel(
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr,
 ):
     i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -160,29 +165,36 @@ def chunk_apply_upper_kernel(
         b_gy = load_tile(gy, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gl = load_row(gy, bos, last, i_h, H, DY, o_y, m_y).to(tl.float32)
         b_s = b_s * tl.where(m_j[:, None], tl.exp(b_gl[None, :] - b_gy), 0)
-        # reference: the block's last row; rows i of later blocks see e^{Gy_i - Gy_ref} e^{Gy_ref - Gy_j}
+        # reference: the block's last row; rows i of later blocks see e^{Gy_i - Gy_ref} e^{Gy_ref - Gy_j},
+        # and so do the rows i > j of this block when the gates decay little across it (fast)
         ref = tl.minimum(r0 + BC, T) - 1
         b_gr = load_row(gy, bos, ref, i_h, H, DY, o_y, m_y).to(tl.float32)
-        m_off = (o_i > ref) & (o_i < T)
+        fast = tl.max(tl.where(m_j[:, None] & m_y[None, :], b_gy - b_gr[None, :], 0)) <= DIAG_MAX
+        lo = ref + 1 - (ref + 1 - r0) * fast.to(tl.int32)  # first row i taken by the product
+        m_off = (o_i >= lo) & (o_i < T)
         b_gx = load_tile(gy, bos, o_i, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
         b_e = tl.exp(tl.where(m_off[:, None], b_gx - b_gr[None, :], float("-inf")))
+        m_a = m_off[:, None] & m_j[None, :] & (o_i[:, None] > o_j[None, :])
         b_acc = tl.zeros([BC, BY], dtype=tl.float32)
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
             p_col = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT  # [BT] row starts of rows i
-            b_a = tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_off[:, None] & m_j[None, :], other=0)
+            b_a = tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)
             b_x = load_tile(x, bos, o_i, m_off, i_hq, HQ, DY, o_y, m_y).to(tl.float32) * b_e  # [BT, BY]
             b_acc += tl.dot(tl.trans(b_a.to(DT)), b_x.to(DT), input_precision=PREC)
-            # the diagonal block, one row i at a time
-            for ii in range(0, BC):
-                i = r0 + ii
-                ic = tl.minimum(i, T - 1)  # a row past the end adds zero: its score is masked to 0
-                m_ai = m_j & broadcast_lt(o_j, i, T)
-                b_ai = tl.load(A + ((bos + ic) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_ai, other=0)
-                b_xi = load_row(x, bos, ic, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
-                b_gi = load_row(gy, bos, ic, i_h, H, DY, o_y, m_y).to(tl.float32)
-                m_e = m_j[:, None] & (o_j[:, None] < ic)
-                b_y += b_ai[:, None] * b_xi[None, :] * tl.exp(tl.where(m_e, b_gi[None, :] - b_gy, float("-inf")))
+            if not fast:
+                # the diagonal block, one row i at a time
+                for ii in range(0, BC):
+                    i = r0 + ii
+                    ic = tl.minimum(i, T - 1)  # a row past the end adds zero: its score is masked to 0
+                    m_ai = m_j & broadcast_lt(o_j, i, T)
+                    b_ai = tl.load(A + ((bos + ic) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_ai,
+                                   other=0)
+                    b_xi = load_row(x, bos, ic, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
+                    b_gi = load_row(gy, bos, ic, i_h, H, DY, o_y, m_y).to(tl.float32)
+                    m_e = m_j[:, None] & (o_j[:, None] < ic)
+                    b_y += b_ai[:, None] * b_xi[None, :] * tl.exp(tl.where(m_e, b_gi[None, :] - b_gy,
+                                                                            float("-inf")))
             b_ajj = tl.load(A + ((bos + o_j) * HQ + i_hq).to(tl.int64) * BT + (o_j - t0), mask=m_j, other=0)
             b_diag += b_ajj[:, None] * load_tile(x, bos, o_j, m_j, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
         b_y += b_acc * tl.where(m_j[:, None], tl.exp(b_gr[None, :] - b_gy), 0)
@@ -225,7 +237,8 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         p, gp, m, x, gy, A, y, y_nd, *extra, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
-        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
+        num_warps=4,
     )
     if not no_diag:
         return y

@@ -8,9 +8,11 @@ stored as ``A [B, T, HQ, BT]`` in fp32 (row ``i``, column ``j - chunk start``). 
 Numerics: the rows of a chunk are split into blocks of ``BC = GATED_BLOCK`` (16). For columns ``j`` of earlier
 blocks the ratio is factored through the block's first row ``r``:
 ``exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j)``, both factors ``<= 1`` (cumsums decrease), so the
-block is one matrix product and nothing overflows however strong the gates. On the diagonal block the
-ratio is formed exactly, one column at a time, with the causal mask applied to the exponent.
-Without a gate the whole chunk is one masked product.
+block is one matrix product and nothing overflows however strong the gates. The diagonal block takes the same
+product when the gates decay by at most ``DIAG_MAX`` across the block (``G_r - G_last``, every column
+``d``): its factors ``e^{G_r - G_j}`` are then bounded, and the causal mask is applied to the result.
+Past that (strong gates) the ratio is formed exactly, one column at a time, with the causal mask applied
+to the exponent. Without a gate the whole chunk is one masked product.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_gsa.ops.utils.backend import dot_precision
+from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
 
@@ -31,6 +33,7 @@ def chunk_scores_kernel(
     q, k, g, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BD: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    DIAG_MAX: tl.constexpr,
 ):
     i_tc, i_bhq = tl.program_id(0), tl.program_id(1)
     NC: tl.constexpr = BT // BC
@@ -49,32 +52,49 @@ def chunk_scores_kernel(
     b_A = tl.zeros([BC, BT], dtype=tl.float32)
     if USE_G:
         o_c = tl.arange(0, BC)
-        m_off = (o_j < r) & (o_j < T)  # columns of the earlier blocks (r may lie past the end)
+        rc = tl.minimum(r, T - 1)
+        # the gates' decay across the block, over every column d: small enough for one product?
+        decay = tl.zeros([BD], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            m_d = o_d < D
+            b_gr = load_row(g, bos, rc, i_h, H, D, o_d, m_d).to(tl.float32)
+            b_gl = load_row(g, bos, tl.minimum(r + BC, T) - 1, i_h, H, D, o_d, m_d).to(tl.float32)
+            decay = tl.maximum(decay, b_gr - b_gl)
+        fast = tl.max(decay, axis=0) <= DIAG_MAX
+        # columns taken by the product: the earlier blocks, and this one when fast (r may lie past the end)
+        m_off = (o_j < r + BC * fast.to(tl.int32)) & (o_j < T)
         b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
         for i_d in range(0, tl.cdiv(D, BD)):
             o_d = i_d * BD + tl.arange(0, BD)
             m_d = o_d < D
             b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d).to(tl.float32)  # [BC, BD]
             b_gq = load_tile(g, bos, o_i, m_i, i_h, H, D, o_d, m_d).to(tl.float32)  # [BC, BD]
-            b_gr = load_row(g, bos, tl.minimum(r, T - 1), i_h, H, D, o_d, m_d).to(tl.float32)  # [BD]
+            b_gr = load_row(g, bos, rc, i_h, H, D, o_d, m_d).to(tl.float32)  # [BD]
             b_k = load_tile(k, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)  # [BT, BD]
             b_gk = load_tile(g, bos, o_j, m_off, i_h, H, D, o_d, m_d).to(tl.float32)
             b_qg = b_q * tl.exp(tl.where(m_i[:, None], b_gq - b_gr[None, :], float("-inf")))
             b_kg = b_k * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gk), 0)
             b_A += tl.dot(b_qg.to(DT), tl.trans(b_kg.to(DT)), input_precision=PREC)
-            for jj in range(0, BC):
-                j = r + jj
-                jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
-                b_kj = load_row(k, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
-                b_gj = load_row(g, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
-                m_e = m_i[:, None] & (o_i[:, None] >= j)
-                b_e = tl.exp(tl.where(m_e, b_gq - b_gj[None, :], float("-inf")))
-                b_a = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)  # [BC]: column jj of the block
-                b_Ad += tl.where(o_c[None, :] == jj, b_a[:, None], 0)
-        # Disjoint stores: earlier columns and the zeros after the block, then the diagonal block.
-        m_rest = (o_j < r) | (o_j >= r + BC)
-        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A * scale, mask=m_i[:, None] & m_rest[None, :])
-        tl.store(p_row[:, None] + (r - t0 + o_c)[None, :], b_Ad * scale, mask=m_i[:, None])
+            if not fast:
+                for jj in range(0, BC):
+                    j = r + jj
+                    jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
+                    b_kj = load_row(k, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
+                    b_gj = load_row(g, bos, jc, i_h, H, D, o_d, m_d).to(tl.float32)
+                    m_e = m_i[:, None] & (o_i[:, None] >= j)
+                    b_e = tl.exp(tl.where(m_e, b_gq - b_gj[None, :], float("-inf")))
+                    b_a = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)  # [BC]: column jj of the block
+                    b_Ad += tl.where(o_c[None, :] == jj, b_a[:, None], 0)
+        if fast:
+            # the product holds the diagonal block too: keep j <= i, zeros after the block
+            b_A = tl.where(o_j[None, :] <= o_i[:, None], b_A * scale, 0)
+            tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
+        else:
+            # Disjoint stores: earlier columns and the zeros after the block, then the diagonal block.
+            m_rest = (o_j < r) | (o_j >= r + BC)
+            tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A * scale, mask=m_i[:, None] & m_rest[None, :])
+            tl.store(p_row[:, None] + (r - t0 + o_c)[None, :], b_Ad * scale, mask=m_i[:, None])
     else:
         m_j = o_j < T
         for i_d in range(0, tl.cdiv(D, BD)):
@@ -101,6 +121,7 @@ def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
     chunk_scores_kernel[grid](
         q, k, g, A, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, D=D, BT=BT, BC=BC, BD=BD, USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), num_warps=4,
+        DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
+        num_warps=4,
     )
     return A

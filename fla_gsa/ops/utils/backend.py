@@ -24,6 +24,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Largest decay of the gates across one block of rows (``G_first - G_last``, the in-block sum of a
+# log gate) for which the kernels form the block's diagonal part by one matrix product factored through
+# the block's first (or last) row, as they do between blocks. Its factors ``e^{G_r - G_j}`` are then at
+# most e^20, which bf16 and fp32 hold with room to spare; past the limit (strong gates) the diagonal
+# block is formed exactly, one row at a time. fp16 (largest value 65504) always takes the exact path.
+DIAG_DOT_MAX_DECAY = 20.0
+
+
+def diag_dot_limit(dtype: torch.dtype) -> float:
+    """The in-block gate decay up to which the diagonal block is one product (-1: never) for kernels
+    whose products run in ``dtype``."""
+    return -1.0 if dtype == torch.float16 else DIAG_DOT_MAX_DECAY
+
+
 def use_kernels(*tensors) -> bool:
     """Run an op's Triton kernels: the first tensor is on CUDA (or the interpreter is on) and no input
     is float64 — float64 is a reference mode, run by the PyTorch algorithm exactly, on any device."""

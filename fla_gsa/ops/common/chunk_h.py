@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import dot_precision
 from fla_gsa.ops.utils.index import prepare_chunk_offsets
-from fla_gsa.ops.utils.triton_utils import load_row, load_tile, next_pow2, seq_bounds, tl_dtype
+from fla_gsa.ops.utils.triton_utils import cdiv, load_row, load_tile, next_pow2, seq_bounds, tl_dtype
 
 
 @triton.jit
@@ -224,6 +224,23 @@ MIN_SCAN_PROGRAMS = 256
 SEGMENT_BELOW = 128
 MIN_SEGMENT_CHUNKS = 8
 MAX_SEGMENTS = 16
+# Launch settings by the number of scan programs. Few programs (about two per SM or fewer): deep
+# prefetch of the next chunks' tiles, and 8 warps forward. Many: fewer pipeline stages, so more programs
+# fit on an SM. Measured on an H100 in bf16, GPU ms of the scans in one forward+backward, by
+# (warps, stages): GLA (K=256, V=512) at 8 x 2048, 1024 programs: fwd 0.56 (4, 3), 0.41 (4, 2); bwd
+# 0.54 (4, 3), 0.43 (4, 1). At 4 x 4096, 512 programs: fwd 0.47 (8, 3), 0.40 (4, 2); bwd 0.54 (4, 3),
+# 0.51 (4, 2). GSA, 256 programs: fwd 0.32 (4, 3), 0.30 (8, 3) at 8 x 2048 and 0.69, 0.60 at 1 x 16384;
+# its bwd is best at (4, 3) of the 6 settings tried.
+MANY_SCAN_PROGRAMS = 512
+
+
+def scan_launch(programs: int, forward: bool) -> dict:
+    """``num_warps`` and ``num_stages`` of a scan launch of ``programs`` programs."""
+    if programs >= 2 * MANY_SCAN_PROGRAMS:
+        return dict(num_warps=4, num_stages=2 if forward else 1)
+    if programs >= MANY_SCAN_PROGRAMS:
+        return dict(num_warps=4, num_stages=2)
+    return dict(num_warps=8 if forward else 4, num_stages=3)
 
 
 def scan_plan(K: int, V: int, NH: int, NT: int | None) -> tuple[int, int, int, int]:
@@ -232,13 +249,13 @@ def scan_plan(K: int, V: int, NH: int, NT: int | None) -> tuple[int, int, int, i
     BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
 
     def programs():
-        return triton.cdiv(K, BK) * triton.cdiv(V, BV) * NH
+        return cdiv(K, BK) * cdiv(V, BV) * NH
 
     if NT is not None and programs() < SEGMENT_BELOW:
-        NS = min(triton.cdiv(MIN_SCAN_PROGRAMS, programs()), NT // MIN_SEGMENT_CHUNKS, MAX_SEGMENTS)
+        NS = min(cdiv(MIN_SCAN_PROGRAMS, programs()), NT // MIN_SEGMENT_CHUNKS, MAX_SEGMENTS)
         if NS > 1:
-            L = triton.cdiv(NT, NS)
-            return BK, BV, triton.cdiv(NT, L), L
+            L = cdiv(NT, NS)
+            return BK, BV, cdiv(NT, L), L
     while programs() < MIN_SCAN_PROGRAMS and max(BK, BV) > 32:
         if BK >= BV:
             BK //= 2
@@ -251,7 +268,7 @@ def _scan_setup(x, cu_seqlens, chunk_size):
     """``(N, NT_total, chunk_offsets, chunks per sequence or None for varlen)``."""
     B, T = x.shape[:2]
     if cu_seqlens is None:
-        return B, B * triton.cdiv(T, chunk_size), None, triton.cdiv(T, chunk_size)
+        return B, B * cdiv(T, chunk_size), None, cdiv(T, chunk_size)
     offsets = prepare_chunk_offsets(cu_seqlens, chunk_size)
     return len(cu_seqlens) - 1, int(offsets[-1].item()), offsets, None
 
@@ -269,9 +286,10 @@ def _segment_buffers(x, NH, NS, K, V, gk, gv):
 
 def _launch_scan(kernel, NK, NV, NH, NS, args, meta):
     """The REDUCE launch over segments 0 .. NS-2 (fwd) / 1 .. NS-1 (bwd) if there are several, then the scan."""
+    forward = kernel is chunk_fwd_h_kernel
     if NS > 1:
-        kernel[(NK, NV, NH * (NS - 1))](*args, REDUCE=True, **meta)
-    kernel[(NK, NV, NH * NS)](*args, REDUCE=False, **meta)
+        kernel[(NK, NV, NH * (NS - 1))](*args, REDUCE=True, **meta, **scan_launch(NK * NV * NH * (NS - 1), forward))
+    kernel[(NK, NV, NH * NS)](*args, REDUCE=False, **meta, **scan_launch(NK * NV * NH * NS, forward))
 
 
 def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
@@ -288,9 +306,8 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
     seg, seg_gk, seg_gv = _segment_buffers(k, N * H, NS, K, V, gk, gv)
     meta = dict(H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None, USE_GV=gv is not None,
                 USE_H0=initial_state is not None, STORE_HT=output_final_state, SPLIT=NS > 1,
-                IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype),
-                num_warps=4)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+                IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype))
+    NK, NV = cdiv(K, BK), cdiv(V, BV)
     args = (k, v, gk, gv, h, initial_state, ht, seg, seg_gk, seg_gv, cu_seqlens, offsets, T, NS, L)
     _launch_scan(chunk_fwd_h_kernel, NK, NV, N * H, NS, args, meta)
     return h, ht
@@ -312,14 +329,14 @@ def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0,
     dh = q.new_empty(NT, H, K, V, dtype=states_dtype or torch.float32)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     BK, BV, NS, L = scan_plan(K, V, N * H, NT_seq)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    NK, NV = cdiv(K, BK), cdiv(V, BV)
     hdk = q.new_empty(NV, NT, H, K, dtype=torch.float32) if need_hdk else None
     hdv = q.new_empty(NK, NT, H, V, dtype=torch.float32) if need_hdv else None
     seg, seg_gk, seg_gv = _segment_buffers(q, N * H, NS, K, V, gk, gv)
     meta = dict(H=H, G=HQ // H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, USE_GK=gk is not None,
                 USE_GV=gv is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, STORE_HDK=need_hdk,
                 STORE_HDV=need_hdv, SPLIT=NS > 1, IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype),
-                PREC=dot_precision(compute_dtype), num_warps=4)
+                PREC=dot_precision(compute_dtype))
     args = (q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, seg, seg_gk, seg_gv, cu_seqlens, offsets, scale, T, NT, NS, L)
     _launch_scan(chunk_bwd_dh_kernel, NK, NV, N * H, NS, args, meta)
     return dh, dh0, hdk, hdv

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
+from fla_gsa.ops.utils.triton_utils import cdiv
 
 BLOCK = 1024
 
@@ -53,7 +54,7 @@ def _swiglu_fwd(a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
     y = torch.empty_like(a)
     n = a.numel()
-    swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
+    swiglu_fwd_kernel[(cdiv(n, BLOCK),)](a, b, y, n, BLOCK=BLOCK)
     return y
 
 
@@ -65,7 +66,7 @@ def _swiglu_bwd(a, b, dy):
         return (dyf * bf * sig * (1 + af * (1 - sig))).to(a.dtype), (dyf * af * sig).to(b.dtype)
     da, db = torch.empty_like(a), torch.empty_like(b)
     n = a.numel()
-    swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](a, b, dy, da, db, n, BLOCK=BLOCK)
+    swiglu_bwd_kernel[(cdiv(n, BLOCK),)](a, b, dy, da, db, n, BLOCK=BLOCK)
     return da, db
 
 

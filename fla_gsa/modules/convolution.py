@@ -32,7 +32,7 @@ import triton.language as tl
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid
-from fla_gsa.ops.utils.triton_utils import chunk_bounds
+from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_power_of_2
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -152,8 +152,8 @@ def short_conv_bwd_kernel(
 
 def _conv_grid(x: torch.Tensor, D: int, cu_seqlens):
     B, T = x.shape[:2]
-    BT = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
-    BD = min(BLOCK_D, max(16, triton.next_power_of_2(D)))
+    BT = min(BLOCK_T, max(16, next_power_of_2(T)))
+    BD = min(BLOCK_D, max(16, next_power_of_2(D)))
     NT, chunk_indices = chunk_grid(cu_seqlens, T, BT)
     return BT, BD, NT, chunk_indices
 
@@ -164,7 +164,7 @@ def short_conv_fwd(x, weight, bias, cache, cu_seqlens, silu: bool) -> torch.Tens
     W = weight.shape[-1]
     BT, BD, NT, chunk_indices = _conv_grid(x, D, cu_seqlens)
     y = torch.empty_like(x)
-    short_conv_fwd_kernel[(triton.cdiv(D, BD), NT, B)](
+    short_conv_fwd_kernel[(cdiv(D, BD), NT, B)](
         x, cache, weight, bias, y, cu_seqlens, chunk_indices, T,
         D=D, W=W, BT=BT, BD=BD, HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, SILU=silu,
         IS_VARLEN=cu_seqlens is not None, num_warps=4,
@@ -184,9 +184,9 @@ def short_conv_bwd(dy, x, weight, bias, cache, cu_seqlens, silu: bool, need_dw: 
     dcache = torch.zeros_like(cache) if need_dcache else None
     dw = torch.empty(P, D, W, dtype=torch.float32, device=x.device) if need_dw else None
     db = torch.empty(P, D, dtype=torch.float32, device=x.device) if need_db else None
-    short_conv_bwd_kernel[(triton.cdiv(D, BD), NT, B)](
+    short_conv_bwd_kernel[(cdiv(D, BD), NT, B)](
         x, cache, weight, bias, dy, dx, dcache, dw, db, cu_seqlens, chunk_indices, T, NT,
-        D=D, W=W, BT=BT, BD=BD, BC=triton.next_power_of_2(max(W - 1, 1)),
+        D=D, W=W, BT=BT, BD=BD, BC=next_power_of_2(max(W - 1, 1)),
         HAS_CACHE=cache is not None, HAS_BIAS=bias is not None, SILU=silu, IS_VARLEN=cu_seqlens is not None,
         STORE_DCACHE=need_dcache and W > 1, STORE_DW=need_dw, STORE_DB=need_db, num_warps=4,
     )

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_tensor
+from fla_gsa.ops.utils.triton_utils import next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -68,7 +69,7 @@ def cross_entropy_bwd_kernel(
 
 
 def _block(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+    return min(next_power_of_2(V), 4096)
 
 
 def cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):

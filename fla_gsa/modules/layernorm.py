@@ -22,6 +22,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
+from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
 # Largest row the kernels hold in registers at once (elements of one block row).
 MAX_FUSED_SIZE = 65536
@@ -111,10 +112,10 @@ def rms_norm_bwd_kernel(
 
 
 def _tile(M: int, D: int) -> tuple[int, int]:
-    BD = triton.next_power_of_2(D)
+    BD = next_power_of_2(D)
     if BD > MAX_FUSED_SIZE:
         raise ValueError(f"RMSNorm supports a hidden size of at most {MAX_FUSED_SIZE}, got {D}")
-    BM = max(1, min(triton.next_power_of_2(M), 4096 // BD))
+    BM = max(1, min(next_power_of_2(M), 4096 // BD))
     return BM, BD
 
 
@@ -140,7 +141,7 @@ def rms_norm_fwd(x, gate, weight, residual, eps, residual_dtype):
     y = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     residual_out = torch.empty(M, D, dtype=residual_dtype, device=x.device) if residual_dtype is not None else None
-    rms_norm_fwd_kernel[(triton.cdiv(M, BM),)](
+    rms_norm_fwd_kernel[(cdiv(M, BM),)](
         x, residual, weight, gate, y, residual_out, rstd, eps, M,
         D=D, BM=BM, BD=BD, HAS_RESIDUAL=residual is not None, STORE_RESIDUAL_OUT=residual_out is not None,
         HAS_WEIGHT=weight is not None, HAS_GATE=gate is not None, num_warps=_num_warps(BM, BD),
@@ -152,9 +153,9 @@ def rms_norm_bwd(dy, dres_out, x, gate, weight, residual, rstd, need_dres):
     """Launch the backward kernel. Returns ``(dx, dgate, dweight, dresidual)`` (``None`` where absent)."""
     M, D = x.shape
     BM, BD = _tile(M, D)
-    P = min(triton.cdiv(M, BM), _num_programs(x))
-    rows_per_program = triton.cdiv(triton.cdiv(M, P), BM) * BM
-    P = triton.cdiv(M, rows_per_program)
+    P = min(cdiv(M, BM), _num_programs(x))
+    rows_per_program = cdiv(cdiv(M, P), BM) * BM
+    P = cdiv(M, rows_per_program)
     dx = torch.empty_like(x)
     dgate = torch.empty_like(gate) if gate is not None else None
     dres = torch.empty_like(residual) if need_dres else None

@@ -26,11 +26,12 @@ from fla_gsa.modules.cross_entropy import (
     cross_entropy_fwd,
 )
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
+from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
 
 def default_chunk_size(N: int, D: int, V: int) -> int:
     """Rows per chunk such that a chunk of logits ``[C, V]`` is about as large as ``h [N, D]``."""
-    return max(1, min(triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, D))), triton.next_power_of_2(max(N, 1))))
+    return max(1, min(next_power_of_2(cdiv(N, cdiv(V, D))), next_power_of_2(max(N, 1))))
 
 
 def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, need=(False,) * 3):

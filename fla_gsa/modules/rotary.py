@@ -21,6 +21,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
+from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -68,12 +69,12 @@ def rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     B, T, H, D = x.shape
     R = cos.shape[-1]
     y = torch.empty_like(x)
-    BR = triton.next_power_of_2(R)
-    BH = max(1, min(triton.next_power_of_2(H), 2048 // BR))
+    BR = next_power_of_2(R)
+    BH = max(1, min(next_power_of_2(H), 2048 // BR))
     HAS_REST = D > 2 * R
-    BP = triton.next_power_of_2(D - 2 * R) if HAS_REST else 1
+    BP = next_power_of_2(D - 2 * R) if HAS_REST else 1
     s_cb = 0 if cos.shape[0] == 1 else T * R
-    rotary_kernel[(B * T, triton.cdiv(H, BH))](
+    rotary_kernel[(B * T, cdiv(H, BH))](
         x, cos, sin, y, T, H, s_cb,
         D=D, R=R, BH=BH, BR=BR, BP=BP, INTERLEAVED=interleaved, REVERSE=reverse, HAS_REST=HAS_REST,
         num_warps=min(max(BH * BR // 256, 1), 8),

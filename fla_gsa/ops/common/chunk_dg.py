@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.index import chunk_grid
-from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_tile, next_pow2, store_tile
+from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, load_tile, next_pow2, store_tile
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def chunk_gate_grad(a, da_nd, b, db_nd, db_state, pairs_skipping, cu_seqlens, ch
     NP, NTT = pairs_skipping.shape[:2]
     dg = b.new_empty(B, T, H, D, dtype=out_dtype)
     BD = min(64 if BT <= 64 else 32, next_pow2(D))
-    chunk_gate_grad_kernel[(triton.cdiv(D, BD), NT, B * H)](
+    chunk_gate_grad_kernel[(cdiv(D, BD), NT, B * H)](
         a, da_nd, b, db_nd, db_state, pairs_skipping, dg, cu_seqlens, indices, T, NTT,
         H=H, G=HQ // H, D=D, BT=BT, BD=BD, NP=NP, IS_VARLEN=cu_seqlens is not None, num_warps=4,
     )

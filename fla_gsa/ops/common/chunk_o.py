@@ -35,7 +35,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
-from fla_gsa.ops.utils.triton_utils import broadcast_lt, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
+from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
 
 
 # rows per program when the summed side is gated; the diagonal block is formed exactly, row by row
@@ -231,7 +231,7 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     BP, BY = min(64, next_pow2(DP)), min(64, next_pow2(DY))
-    grid = (triton.cdiv(DY, BY), NT * (BT // BC), B * heads)
+    grid = (cdiv(DY, BY), NT * (BT // BC), B * heads)
     extra = (y_st,) if upper else ()
     kernel[grid](
         p, gp, m, x, gy, A, y, y_nd, *extra, cu_seqlens, indices, scale, T,

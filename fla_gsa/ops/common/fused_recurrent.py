@@ -34,7 +34,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_linear_attn
-from fla_gsa.ops.utils.triton_utils import next_pow2, seq_bounds
+from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, seq_bounds
 
 # Largest state tile per dimension. Wider K or V is split over programs and the partial sums are
 # reduced afterwards (the tests lower it to exercise that path at small sizes).
@@ -267,7 +267,7 @@ def _tiles(K: int, V: int) -> dict:
     """State tile sizes, block counts and warps: one warp holds a tile of up to 32 x 32 fp32 values
     (32 per thread), wider tiles get two, so the per-step reductions stay within few warps."""
     BK, BV = min(next_pow2(K), MAX_BLOCK), min(next_pow2(V), MAX_BLOCK)
-    return dict(BK=BK, BV=BV, NK=triton.cdiv(K, BK), NV=triton.cdiv(V, BV), num_warps=1 if BK * BV <= 1024 else 2)
+    return dict(BK=BK, BV=BV, NK=cdiv(K, BK), NV=cdiv(V, BV), num_warps=1 if BK * BV <= 1024 else 2)
 
 
 def _num_sequences(q, cu_seqlens) -> int:

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_gsa.ops.utils.triton_utils import broadcast_lt, load_tile, next_pow2, store_tile
+from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, load_tile, next_pow2, store_tile
 from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 
 # Log-sum-exp of "nothing yet". Finite, so the scan never meets inf - inf: logaddexp(NEG, x) is exactly
@@ -184,9 +184,9 @@ def _launch_config(s, cu_seqlens):
     B, _, H, M = s.shape
     NH = (B if cu_seqlens is None else len(cu_seqlens) - 1) * H
     BM = min(next_pow2(M, 1), MAX_BLOCK_M)
-    while BM > MIN_BLOCK_M and NH * triton.cdiv(M, BM) < TARGET_PROGRAMS:
+    while BM > MIN_BLOCK_M and NH * cdiv(M, BM) < TARGET_PROGRAMS:
         BM //= 2
-    return (triton.cdiv(M, BM), NH), BLOCK_T, BM
+    return (cdiv(M, BM), NH), BLOCK_T, BM
 
 
 def abc_gates_fwd(s: torch.Tensor, z0: torch.Tensor | None, cu_seqlens: torch.Tensor | None,

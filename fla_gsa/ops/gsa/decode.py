@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
-from fla_gsa.ops.utils.triton_utils import next_pow2
+from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, next_power_of_2
 
 
 @triton.jit
@@ -96,11 +96,11 @@ def _decode_config(B, H, G, K, M, V, device_index):
     # Keep each state tile near 4K fp32 values: wide slot counts get narrower K/V tiles.
     cap = max(16, min(64, 4096 // BM))
     BK, BV = min(next_pow2(K), cap), min(next_pow2(V), cap)
-    NV = triton.cdiv(V, BV)
+    NV = cdiv(V, BV)
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 128
-    groups = max(1, min(NV, triton.cdiv(2 * sms, B * H)))  # about two programs per SM
-    NVB = triton.cdiv(NV, groups)
-    return (triton.cdiv(NV, NVB), B * H), dict(H=H, G=G, K=K, M=M, V=V, BG=triton.next_power_of_2(G), BK=BK,
+    groups = max(1, min(NV, cdiv(2 * sms, B * H)))  # about two programs per SM
+    NVB = cdiv(NV, groups)
+    return (cdiv(NV, NVB), B * H), dict(H=H, G=G, K=K, M=M, V=V, BG=next_power_of_2(G), BK=BK,
                                               BM=BM, BV=BV, NVB=NVB, num_warps=4 if BM * max(BK, BV) > 2048 else 2)
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_chunk_size, check_cu_seqlens, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid, seq_bounds
-from fla_gsa.ops.utils.triton_utils import chunk_bounds, next_pow2
+from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_pow2
 from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 
 
@@ -99,11 +99,11 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
     common = dict(H=H, D=D, BD=BD, REVERSE=reverse, HAS_SCALE=scale is not None, IS_VARLEN=cu_seqlens is not None)
     if chunk_size is not None:
         NT, indices = chunk_grid(cu_seqlens, T, chunk_size)
-        grid = (triton.cdiv(D, BD), NT, B * H)
+        grid = (cdiv(D, BD), NT, B * H)
         chunk_local_cumsum_kernel[grid](g4, o, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size, **common)
     else:
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
-        grid = (triton.cdiv(D, BD), N * H)
+        grid = (cdiv(D, BD), N * H)
         chunk_global_cumsum_kernel[grid](g4, o, cu_seqlens, scale or 1.0, T, BT=64, **common)
     return o.view(g.shape)
 

@@ -33,8 +33,19 @@ def seq_bounds(i_n, T, cu_seqlens, IS_VARLEN: tl.constexpr):
         return (i_n * T).to(tl.int64), T
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host. (``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+    functions in recent Triton, several microseconds per call from Python; a call of an op makes dozens.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), on the host."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
-    return max(triton.next_power_of_2(n), minimum)
+    return max(next_power_of_2(n), minimum)
 
 
 @triton.jit

@@ -104,6 +104,42 @@ def test_checkpoint_levels(checkpoint_level):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-softmax", "torch-softmax"])
+def test_no_states_no_gate_grad(fused, monkeypatch):
+    # The kernel path's autograd function without initial or final states and with g a constant (no dg):
+    # the slot softmax fused into the kernels (M = 20: masked columns in the row) or PyTorch's (more
+    # slots than the fused limit); large logits (scale 4) so the softmax is far from uniform.
+    from fla_gsa.ops.gsa import chunk as gsa_chunk
+
+    if not fused:
+        monkeypatch.setattr(gsa_chunk, "FUSED_SOFTMAX_MAX_SLOTS", 16)
+    x = make_inputs(2, 45, 4, 2, 24, 20, 20, h0=False)
+    x["g"] = x["g"].detach()
+    leaves = [x[n] for n in "q k v s".split()]
+    do = torch.randn(2, 45, 4, 20, device=DEVICE)
+    o, st = chunk_gsa(*leaves, x["g"], scale=4.0, chunk_size=16)
+    assert st is None
+    grads = torch.autograd.grad((o * do).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    ro, _ = naive_recurrent_gsa(*ref, x["g"].double(), scale=4.0)
+    rgrads = torch.autograd.grad((ro * do.double()).sum(), ref)
+    assert_rel("o", o, ro, TOL)
+    for n, a, r in zip("qkvs", grads, rgrads):
+        assert_rel(f"d{n}", a, r, TOL)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-softmax", "torch-softmax"])
+def test_softmax_fusion_paths(fused, monkeypatch):
+    # every input's gradient, both states, through each softmax path
+    from fla_gsa.ops.gsa import chunk as gsa_chunk
+
+    if not fused:
+        monkeypatch.setattr(gsa_chunk, "FUSED_SOFTMAX_MAX_SLOTS", 8)
+    check(chunk_gsa, make_inputs(2, 45, 4, 2, 24, 20, 20), chunk_size=16)
+
+
+@pytest.mark.triton
 def test_split_state_carry():
     # chunk on a prefix, then recurrent from its final state == one chunk pass
     x = {n: t.detach() if t is not None else None for n, t in make_inputs(2, 37, 2, 1, 16, 16, 8, h0=False).items()}

@@ -53,27 +53,30 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
-              need_dgv=False, G=None):
+              need_dgv=False, G=None, softmax=False):
     """Forward; with ``need_dgv`` also ``o`` without its diagonal terms (fp32), for the value-side gate
-    gradient. ``G``: the in-chunk cumsum of the one gate given, if the caller has it already."""
+    gradient. ``G``: the in-chunk cumsum of the one gate given, if the caller has it already.
+    ``softmax``: return ``softmax(o)`` over V in place of ``o`` (the lower kernel takes it)."""
     cdt = compute_dtype(k, v, q)
     Gk = (G if G is not None else cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens)) if gk is not None else None
     Gv = (G if G is not None else cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens)) if gv is not None else None
     h, ht = chunk_fwd_h(k, v, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt)
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
-    o_nd = None
-    if need_dgv:
-        o, o_nd = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt,
-                                    no_diag=True)
-    else:
-        o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt)
+    o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt, no_diag=need_dgv,
+                          softmax=True if softmax else None)
+    o, o_nd = o if need_dgv else (o, None)
     return Gk, Gv, h, A, o, o_nd, ht
 
 
 def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
-              need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32)):
+              need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32), softmax_q=None, dv_acc=None,
+              dg_acc=None):
     """Gradients ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written so by the kernels), ``dgk, dgv`` in
-    ``gate_dtypes``, ``dh0`` fp32."""
+    ``gate_dtypes``, ``dh0`` fp32. Fusions for a caller that chains passes: ``softmax_q`` (with ``q =
+    softmax_q``, a softmax's output) returns the gradient of that softmax's input in place of ``dq``;
+    ``dv_acc`` is added to ``dv``, ``dg_acc`` to the one gate gradient asked for."""
+    if dg_acc is not None and need_dgk and need_dgv:
+        raise ValueError("dg_acc goes to one gate gradient; both were asked for")
     B, T, H = k.shape[:3]
     cdt = compute_dtype(k, v, q)
     if h is None:  # recompute the chunk-boundary states instead of having kept them
@@ -81,25 +84,26 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
     dh, dh0, hdk, hdv = chunk_bwd_dh(q, do, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
                                      initial_state is not None, cdt, cdt, h, need_dgk, need_dgv)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
-    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv)
+    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
+                           acc=dv_acc)
     dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk)
+                           no_diag=need_dgk, softmax=softmax_q)
     dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk)
     dgk = dgv = None
     if need_dgk:
         (dq, dq_nd), (dk, dk_nd, dk_st) = dq, dk
-        dgk = chunk_gate_grad(q, dq_nd, k, dk_nd, dk_st, hdk, cu_seqlens, chunk_size, gate_dtypes[0])
+        dgk = chunk_gate_grad(q, dq_nd, k, dk_nd, dk_st, hdk, cu_seqlens, chunk_size, gate_dtypes[0], dg_acc)
     if need_dgv:
         dv, dv_nd, dv_st = dv
-        dgv = chunk_gate_grad(do, o_nd, v, dv_nd, dv_st, hdv, cu_seqlens, chunk_size, gate_dtypes[1])
+        dgv = chunk_gate_grad(do, o_nd, v, dv_nd, dv_st, hdv, cu_seqlens, chunk_size, gate_dtypes[1], dg_acc)
     return dq, dk, dv, dgk, dgv, dh0
 
 
 class ChunkLinearAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                output_dtype, checkpoint_level, G):
+                output_dtype, checkpoint_level):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         gk = gk.contiguous() if gk is not None else None
         gv = gv.contiguous() if gv is not None else None
@@ -107,7 +111,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         need_dgk = gk is not None and ctx.needs_input_grad[3]
         need_dgv = gv is not None and ctx.needs_input_grad[4]
         Gk, Gv, h, A, o, o_nd, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                              chunk_size, output_dtype, need_dgv, G)
+                                              chunk_size, output_dtype, need_dgv)
         keep_h = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens)
         ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
@@ -122,7 +126,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
             q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
             scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5])
         dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
-        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None, None
+        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
 
 
 def chunk_linear_attn(
@@ -183,19 +187,15 @@ def chunk_linear_attn(
 
 
 def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,
-                                chunk_size=64, output_dtype=None, checkpoint_level=1, gate_cumsum=None):
-    """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved).
-    With one gate, ``gate_cumsum`` may be its in-chunk cumsum ``cumsum_fwd(g, chunk_size)`` (fp32),
-    computed once by a caller that runs several passes with that gate (used by the kernels only)."""
+                                chunk_size=64, output_dtype=None, checkpoint_level=1):
+    """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved)."""
     check_chunk_size(chunk_size)
     if checkpoint_level not in (0, 1):
         raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
     output_dtype = output_dtype or v.dtype
     if use_kernels(q, k, v):
-        if gate_cumsum is not None and (gk is None) == (gv is None):
-            raise ValueError("gate_cumsum needs exactly one of gk, gv")
         return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
-                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level, gate_cumsum)
+                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch
 
     return chunk_linear_attn_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,

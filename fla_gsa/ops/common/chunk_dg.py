@@ -22,9 +22,9 @@ from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, load_tile, next_p
 
 @triton.jit
 def chunk_gate_grad_kernel(
-    a, da, b, db, dbs, ps, dg, cu_seqlens, chunk_indices, T, NTT,
+    a, da, b, db, dbs, ps, acc, dg, cu_seqlens, chunk_indices, T, NTT,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    NP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NP: tl.constexpr, USE_ACC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -55,14 +55,17 @@ def chunk_gate_grad_kernel(
     b_ps = tl.zeros([BD], dtype=tl.float32)
     for i_p in range(0, NP):  # the partial sums over the scan's column blocks
         b_ps += tl.load(ps + ((i_p * NTT + i_tg).to(tl.int64) * H + i_h) * D + o_d, mask=m_d, other=0)
-    store_tile(dg, b_dg + b_ps[None, :], bos, o_t, m_t, i_h, H, D, o_d, m_d)
+    b_dg += b_ps[None, :]
+    if USE_ACC:  # another gradient of the same gate, added here instead of by a separate launch
+        b_dg += load_tile(acc, bos, o_t, m_t, i_h, H, D, o_d, m_d).to(tl.float32)
+    store_tile(dg, b_dg, bos, o_t, m_t, i_h, H, D, o_d, m_d)
 
 
 def chunk_gate_grad(a, da_nd, b, db_nd, db_state, pairs_skipping, cu_seqlens, chunk_size,
-                    out_dtype=torch.float32):
-    """``dg [B, T, H, D]`` in ``out_dtype`` (accumulated in fp32). ``a``, ``da_nd`` ``[B, T, HQ, D]``; ``b``, ``db_nd``, ``db_state``
-    ``[B, T, H, D]``; ``pairs_skipping [NP, NT_total, H, D]`` fp32 partial sums (``chunk_bwd_dh``'s
-    ``hdk`` / ``hdv``)."""
+                    out_dtype=torch.float32, acc=None):
+    """``dg [B, T, H, D]`` in ``out_dtype`` (accumulated in fp32). ``a``, ``da_nd`` ``[B, T, HQ, D]``; ``b``,
+    ``db_nd``, ``db_state`` ``[B, T, H, D]``; ``pairs_skipping [NP, NT_total, H, D]`` fp32 partial sums
+    (``chunk_bwd_dh``'s ``hdk`` / ``hdv``). ``acc`` (``[B, T, H, D]``, or None) is added to the result."""
     B, T, H, D = b.shape
     HQ = a.shape[2]
     BT = chunk_size
@@ -71,7 +74,8 @@ def chunk_gate_grad(a, da_nd, b, db_nd, db_state, pairs_skipping, cu_seqlens, ch
     dg = b.new_empty(B, T, H, D, dtype=out_dtype)
     BD = min(64 if BT <= 64 else 32, next_pow2(D))
     chunk_gate_grad_kernel[(cdiv(D, BD), NT, B * H)](
-        a, da_nd, b, db_nd, db_state, pairs_skipping, dg, cu_seqlens, indices, T, NTT,
-        H=H, G=HQ // H, D=D, BT=BT, BD=BD, NP=NP, IS_VARLEN=cu_seqlens is not None, num_warps=4,
+        a, da_nd, b, db_nd, db_state, pairs_skipping, acc, dg, cu_seqlens, indices, T, NTT,
+        H=H, G=HQ // H, D=D, BT=BT, BD=BD, NP=NP, USE_ACC=acc is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=4,
     )
     return dg

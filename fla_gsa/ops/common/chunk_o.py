@@ -64,11 +64,11 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 
 @triton.jit
 def chunk_apply_lower_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, sp, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -127,16 +127,24 @@ def chunk_apply_lower_kernel(
     b_xi = load_tile(x, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)
     if STORE_ND:
         store_tile(y_nd, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
-    store_tile(y, b_y + b_aii[:, None] * b_xi, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    b_y += b_aii[:, None] * b_xi
+    if SOFTMAX == 1:  # store softmax(Y) over the DY <= BY columns of each row
+        b_y = tl.where(m_y[None, :], b_y, float("-inf"))
+        b_y = tl.exp(b_y - tl.max(b_y, axis=1)[:, None])
+        b_y = b_y / tl.sum(b_y, axis=1)[:, None]
+    if SOFTMAX == 2:  # Y is the gradient of a softmax's output sp: store the gradient of its input
+        b_sp = load_tile(sp, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
+        b_y = b_sp * (b_y - tl.sum(b_sp * b_y, axis=1)[:, None])
+    store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
 
 
 @triton.jit
 def chunk_apply_upper_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, y_st, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, y_st, acc, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, USE_ACC: tl.constexpr,
 ):
     i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -213,11 +221,14 @@ def chunk_apply_upper_kernel(
         # the gate gradients need the state part and the off-diagonal part apart (see chunk.py)
         store_tile(y_nd, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
         store_tile(y_st, b_s, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
-    store_tile(y, b_y + b_s + b_diag, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+    b_y += b_s + b_diag
+    if USE_ACC:  # another gradient of the same input, added here instead of by a separate launch
+        b_y += load_tile(acc, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)
+    store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
 
 
 def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
-           compute_dtype, no_diag):
+           compute_dtype, no_diag, softmax=None, acc=None):
     B, T, _, DP = p.shape
     DY = x.shape[-1]
     HQ = A.shape[2]
@@ -230,15 +241,21 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
-    BP, BY = min(64, next_pow2(DP)), min(64, next_pow2(DY))
+    # a fused softmax needs whole rows in one program
+    BP, BY = min(64, next_pow2(DP)), (next_pow2(DY) if softmax is not None else min(64, next_pow2(DY)))
     grid = (cdiv(DY, BY), NT * (BT // BC), B * heads)
-    extra = (y_st,) if upper else ()
+    if upper:
+        extra = dict(USE_ACC=acc is not None)
+        pointers = (y_st, acc)
+    else:
+        extra = dict(SOFTMAX=0 if softmax is None else 1 if softmax is True else 2)
+        pointers = (softmax if isinstance(softmax, torch.Tensor) else None,)
     kernel[grid](
-        p, gp, m, x, gy, A, y, y_nd, *extra, cu_seqlens, indices, scale, T,
+        p, gp, m, x, gy, A, y, y_nd, *pointers, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
-        num_warps=4,
+        num_warps=4, **extra,
     )
     if not no_diag:
         return y
@@ -246,19 +263,23 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
 
 
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False):
+                      transpose_m=False, no_diag=False, softmax=None):
     """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
     ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
-    ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32)."""
+    ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32). ``softmax``: True stores
+    ``softmax(y)`` over the last dimension; a tensor ``sp`` (a softmax's output, ``y``'s shape) stores
+    ``sp ⊙ (y - sum(sp ⊙ y))``, the gradient through that softmax when ``y`` is the gradient of ``sp``
+    (``y_nd`` stays as it was)."""
     return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
-                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag)
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, softmax=softmax)
 
 
 def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False):
+                      transpose_m=False, no_diag=False, acc=None):
     """Upper apply: ``y [B, T, H, DY]`` from ``p [B, T, H, DP]``, state gradients ``m [NT, H, ., .]``,
     ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
     ``no_diag``: also return the intra-chunk part without the ``i == j`` terms and the state part
-    (``scale * (P ⊙ gate) @ M ⊙ gate``), both fp32: ``y = y_st + y_nd + diagonal``."""
+    (``scale * (P ⊙ gate) @ M ⊙ gate``), both fp32: ``y = y_st + y_nd + diagonal``. ``acc`` (``y``'s
+    shape, or None) is added to ``y`` (not to the parts)."""
     return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
-                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag)
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, acc=acc)

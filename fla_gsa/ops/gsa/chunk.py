@@ -4,18 +4,68 @@
              p  = softmax(ok) over the M slots (fp32)
     pass V:  o  = GLA(p, s, v; gate g on the state's key side, scale 1)   state hv [M, V]
 
-Nothing GSA-specific runs below the softmax: both passes are the generic chunked op, and autograd
-joins their backward passes through the softmax.
+Both passes are the generic chunked algorithm (``fla_gsa.ops.common.chunk``). On the kernel path one
+autograd function runs them and fuses their joints: pass K's output kernel stores the softmax of each
+row (``M <= FUSED_SOFTMAX_MAX_SLOTS``), pass V's ``dq`` kernel stores the gradient through it, and pass
+K's backward adds pass V's gradients of ``s`` and ``g`` into its own kernels' stores: four launches fewer
+than two separate ops and a softmax. CPU tensors and float64 compose the PyTorch ops instead.
 """
 from __future__ import annotations
 
 import torch
 
-from fla_gsa.ops.common.chunk import chunk_linear_attn_unchecked
+from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_chunk_size
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
+
+
+# slots up to which one program holds a whole row of slot logits (the fused softmax); more: PyTorch's softmax
+FUSED_SOFTMAX_MAX_SLOTS = 256
+
+
+class ChunkGSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
+        q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+        hk0 = hk0.contiguous() if hk0 is not None else None
+        hv0 = hv0.contiguous() if hv0 is not None else None
+        fuse = s.shape[-1] <= FUSED_SOFTMAX_MAX_SLOTS
+        need_dg = ctx.needs_input_grad[4]
+        G = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens)  # both passes gate with it: taken once
+        # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32
+        _, _, hk, Ak, p, ok_nd, hkt = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
+                                                chunk_size, torch.float32, need_dg, G, softmax=fuse)
+        if not fuse:
+            p = p.softmax(dim=-1)
+        # pass V, the gate on the key side
+        _, _, hv, Av, o, _, hvt = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
+                                            chunk_size, v.dtype, False, G)
+        keep = checkpoint_level == 0
+        ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
+                              cu_seqlens)
+        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, s.dtype)
+        return o, hkt, hvt
+
+    @staticmethod
+    def backward(ctx, do, dhkt, dhvt):
+        q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens = ctx.saved_tensors
+        scale, chunk_size, fuse, need_dg, g_dtype, s_dtype = ctx.meta
+        do = do.contiguous()
+        # pass V: gradients of p (through the softmax when fused), s (as keys), v, g (key side)
+        dok, ds, dv, dg, _, dhv0 = chunk_bwd(
+            p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
+            cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None)
+        if not fuse:
+            dok = p * (dok - (p * dok).sum(-1, keepdim=True))
+        # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
+        dq, dk, ds, _, dg, dhk0 = chunk_bwd(
+            q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
+            cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg)
+        dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
+        dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
+        return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
 
 
 def chunk_gsa(
@@ -88,14 +138,18 @@ def chunk_gsa(
     _, scale, hk0, hv0 = check_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens)
     if g is None:
         s, g = abc_slot_gates(s, cu_seqlens)
+    check_chunk_size(chunk_size)
+    if checkpoint_level not in (0, 1):
+        raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
+    if use_kernels(q, k, v, s, g):
+        o, hk, hv = ChunkGSAFunction.apply(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
+                                           chunk_size, checkpoint_level)
+        return o, ((hk, hv) if output_final_state else None)
     # the slot logits stay in fp32 for the softmax (float64 inputs: a float64 reference run)
     logit_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    check_chunk_size(chunk_size)
-    # both passes gate with g (value side, then key side): its in-chunk cumsum is taken once
-    G = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens) if use_kernels(q, k, v, s, g) else None
     ok, hk = chunk_linear_attn_unchecked(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
-                                         chunk_size, logit_dtype, checkpoint_level, G)
+                                         chunk_size, logit_dtype, checkpoint_level)
     p = ok.softmax(dim=-1)
     o, hv = chunk_linear_attn_unchecked(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
-                                        chunk_size, v.dtype, checkpoint_level, G)
+                                        chunk_size, v.dtype, checkpoint_level)
     return o, ((hk, hv) if output_final_state else None)

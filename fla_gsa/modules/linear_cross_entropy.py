@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import triton
 
 from fla_gsa.modules.cross_entropy import (
     check_ignore_index,

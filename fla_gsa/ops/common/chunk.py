@@ -40,7 +40,7 @@ from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
 from fla_gsa.ops.common.chunk_scores import chunk_scores
 from fla_gsa.ops.utils.backend import use_kernels
-from fla_gsa.ops.utils.checks import check_chunk_size, check_linear_attn
+from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
 
 
@@ -190,8 +190,7 @@ def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_fi
                                 chunk_size=64, output_dtype=None, checkpoint_level=1):
     """:func:`chunk_linear_attn` for callers that validated the tensors already (``scale`` resolved)."""
     check_chunk_size(chunk_size)
-    if checkpoint_level not in (0, 1):
-        raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
+    check_checkpoint_level(checkpoint_level)
     output_dtype = output_dtype or v.dtype
     if use_kernels(q, k, v):
         return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,

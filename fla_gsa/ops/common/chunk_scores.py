@@ -25,7 +25,7 @@ from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
 
 
-# rows per program when the summed side is gated; the diagonal block is formed exactly, row by row
+# rows per program when the summed side is gated (the diagonal block: one product, or row by row)
 GATED_BLOCK = 16
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils.backend import use_kernels
-from fla_gsa.ops.utils.checks import check_chunk_size
+from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
 
 
@@ -45,13 +45,13 @@ class ChunkGSAFunction(torch.autograd.Function):
         keep = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
                               cu_seqlens)
-        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, s.dtype)
+        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype)
         return o, hkt, hvt
 
     @staticmethod
     def backward(ctx, do, dhkt, dhvt):
         q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens = ctx.saved_tensors
-        scale, chunk_size, fuse, need_dg, g_dtype, s_dtype = ctx.meta
+        scale, chunk_size, fuse, need_dg, g_dtype = ctx.meta
         do = do.contiguous()
         # pass V: gradients of p (through the softmax when fused), s (as keys), v, g (key side)
         dok, ds, dv, dg, _, dhv0 = chunk_bwd(
@@ -139,8 +139,7 @@ def chunk_gsa(
     if g is None:
         s, g = abc_slot_gates(s, cu_seqlens)
     check_chunk_size(chunk_size)
-    if checkpoint_level not in (0, 1):
-        raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
+    check_checkpoint_level(checkpoint_level)
     if use_kernels(q, k, v, s, g):
         o, hk, hv = ChunkGSAFunction.apply(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
                                            chunk_size, checkpoint_level)

@@ -103,6 +103,12 @@ def check_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
+def check_checkpoint_level(checkpoint_level) -> int:
+    if checkpoint_level not in (0, 1):
+        raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
+    return checkpoint_level
+
+
 def check_linear_attn(q, k, v, gk, gv, scale, initial_state, cu_seqlens, gk_name="gk", gv_name="gv",
                       state_name="initial_state"):
     """All checks of a generic gated-linear-attention call. Returns ``(B, T, HQ, H, K, V, N, scale)``."""

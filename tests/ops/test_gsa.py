@@ -193,6 +193,14 @@ def test_inputs_not_modified():
         assert torch.equal(t.detach(), before[n]), n
 
 
+@pytest.mark.parametrize("mode", ["torch", pytest.param("kernels", marks=pytest.mark.triton)])
+def test_bad_checkpoint_level(mode):
+    # both paths of chunk_gsa reject it before any work (float64 runs the PyTorch path)
+    x = make_inputs(1, 20, 2, 2, 16, 16, 8, dtype=torch.float64 if mode == "torch" else torch.float32)
+    with pytest.raises(ValueError, match="checkpoint_level must be 0 or 1, got 2"):
+        chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"], checkpoint_level=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype):
     x = make_inputs(2, 64, 2, 2, 32, 32, 16, dtype=dtype)

@@ -19,11 +19,13 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv
 
 BLOCK = 1024
 
 
+@lean
 @triton.jit
 def swiglu_fwd_kernel(a, b, y, n, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -34,6 +36,7 @@ def swiglu_fwd_kernel(a, b, y, n, BLOCK: tl.constexpr):
     tl.store(y + o, b_y.to(y.dtype.element_ty), mask=m)
 
 
+@lean
 @triton.jit
 def swiglu_bwd_kernel(a, b, dy, da, db, n, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -32,6 +32,7 @@ import triton.language as tl
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_power_of_2
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -82,6 +83,7 @@ def _conv_dz(x, cache, weight, bias, dy, i_n, bos, rows, L, o_d, m_d,
     return b_dz
 
 
+@lean
 @triton.jit
 def short_conv_fwd_kernel(
     x, cache, weight, bias, y, cu_seqlens, chunk_indices, T,
@@ -100,6 +102,7 @@ def short_conv_fwd_kernel(
     tl.store(y + (bos + o_t)[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
+@lean
 @triton.jit
 def short_conv_bwd_kernel(
     x, cache, weight, bias, dy, dx, dcache, dw, db, cu_seqlens, chunk_indices, T, NT,

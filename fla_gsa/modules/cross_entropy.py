@@ -20,11 +20,13 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_tensor
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@lean
 @triton.jit
 def cross_entropy_fwd_kernel(logits, labels, loss, lse, V, stride, ignore_index, BV: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
@@ -45,6 +47,7 @@ def cross_entropy_fwd_kernel(logits, labels, loss, lse, V, stride, ignore_index,
     tl.store(loss + i_n, tl.where(b_valid, b_lse - b_xy, 0.0))
 
 
+@lean
 @triton.jit
 def cross_entropy_bwd_kernel(
     logits, labels, lse, dloss, dlogits, V, stride, stride_d, ignore_index,

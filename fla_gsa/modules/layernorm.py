@@ -22,12 +22,14 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
 # Largest row the kernels hold in registers at once (elements of one block row).
 MAX_FUSED_SIZE = 65536
 
 
+@lean
 @triton.jit
 def rms_norm_fwd_kernel(
     x, residual, weight, gate, y, residual_out, rstd, eps, M,
@@ -60,6 +62,7 @@ def rms_norm_fwd_kernel(
     tl.store(y + offs, b_y.to(y.dtype.element_ty), mask=m)
 
 
+@lean
 @triton.jit
 def rms_norm_bwd_kernel(
     x, residual, weight, gate, dy, dres_out, dx, dres, dgate, dw, rstd, M, rows_per_program,

@@ -21,9 +21,11 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
 
+@lean
 @triton.jit
 def rotary_kernel(
     x, cos, sin, y, T, H, s_cb,

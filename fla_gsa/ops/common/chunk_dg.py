@@ -17,9 +17,11 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.index import chunk_grid
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, load_tile, next_pow2, store_tile
 
 
+@lean
 @triton.jit
 def chunk_gate_grad_kernel(
     a, da, b, db, dbs, ps, acc, dg, cu_seqlens, chunk_indices, T, NTT,

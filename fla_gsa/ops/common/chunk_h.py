@@ -21,6 +21,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import dot_precision
 from fla_gsa.ops.utils.index import prepare_chunk_offsets
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, load_row, load_tile, next_pow2, seq_bounds, tl_dtype
 
 
@@ -46,6 +47,7 @@ def _store_segment(b, b_tk, b_tv, seg, seg_gk, seg_gv, p_seg, i_k, i_v, o_k, o_v
         tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
 
 
+@lean
 @triton.jit
 def chunk_fwd_h_kernel(
     k, v, gk, gv, h, h0, ht, seg, seg_gk, seg_gv, cu_seqlens, chunk_offsets, T, NS, L,
@@ -119,6 +121,7 @@ def chunk_fwd_h_kernel(
             tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
+@lean
 @triton.jit
 def chunk_bwd_dh_kernel(
     q, do, gk, gv, dh, dht, dh0, h, hdk, hdv, seg, seg_gk, seg_gv, cu_seqlens, chunk_offsets, scale,

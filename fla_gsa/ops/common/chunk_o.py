@@ -35,6 +35,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
 
 
@@ -62,6 +63,7 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
     return b_y
 
 
+@lean
 @triton.jit
 def chunk_apply_lower_kernel(
     p, gp, hm, x, gy, A, y, y_nd, sp, cu_seqlens, chunk_indices, scale, T,
@@ -138,6 +140,7 @@ def chunk_apply_lower_kernel(
     store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
 
 
+@lean
 @triton.jit
 def chunk_apply_upper_kernel(
     p, gp, hm, x, gy, A, y, y_nd, y_st, acc, cu_seqlens, chunk_indices, scale, T,

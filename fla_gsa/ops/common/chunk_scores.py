@@ -22,12 +22,14 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, next_pow2, tl_dtype
 
 
 # rows per program when the summed side is gated (the diagonal block: one product, or row by row)
 GATED_BLOCK = 16
 
+@lean
 @triton.jit
 def chunk_scores_kernel(
     q, k, g, A, cu_seqlens, chunk_indices, scale, T,

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_linear_attn
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, seq_bounds
 
 # Largest state tile per dimension. Wider K or V is split over programs and the partial sums are
@@ -41,6 +42,7 @@ from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, seq_bounds
 MAX_BLOCK = 64
 
 
+@lean
 @triton.jit
 def fused_recurrent_fwd_kernel(
     q, k, v, gk, gv, o, h0, ht, cu_seqlens, scale, T,
@@ -96,6 +98,7 @@ def fused_recurrent_fwd_kernel(
         tl.store(ht + o_h, b_h, mask=m_h)
 
 
+@lean
 @triton.jit
 def fused_recurrent_bwd_dq_kernel(
     q, k, v, gk, gv, do, dq, dgk, dgv, h0, dht, cu_seqlens, scale, T,
@@ -177,6 +180,7 @@ def fused_recurrent_bwd_dq_kernel(
         p_dq += HQ * NV * K
 
 
+@lean
 @triton.jit
 def fused_recurrent_bwd_dkv_kernel(
     q, k, v, gk, gv, do, dk, dv, dgk, dgv, dht, dh0, cu_seqlens, scale, T,

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, load_tile, next_pow2, store_tile
 from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 
@@ -86,6 +87,7 @@ def _load_masked(ptr, bos, o_t, i_h, H: tl.constexpr, M: tl.constexpr, o_m, m_tm
     return tl.load(ptr + offs, mask=m_tm, other=0)
 
 
+@lean
 @triton.jit
 def abc_gates_fwd_kernel(
     s, z0, o, o32, g, na, zt, cu_seqlens, T, z_empty,
@@ -126,6 +128,7 @@ def abc_gates_fwd_kernel(
         tl.store(zt + i_nh * M + o_m, b_c, mask=m_m)
 
 
+@lean
 @triton.jit
 def abc_gates_bwd_kernel(
     o32, g, na, do, dg, dzt, ds, dz0, cu_seqlens, T,

@@ -22,9 +22,11 @@ import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, next_power_of_2
 
 
+@lean
 @triton.jit
 def fused_gsa_decode_kernel(
     q, k, v, s, g, o, hk0, hv0, hk, hv, scale,

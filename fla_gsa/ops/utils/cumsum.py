@@ -13,10 +13,12 @@ import triton.language as tl
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_chunk_size, check_cu_seqlens, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid, seq_bounds
+from fla_gsa.ops.utils.launch import lean
 from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_pow2
 from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 
 
+@lean
 @triton.jit
 def chunk_local_cumsum_kernel(
     s, o, cu_seqlens, chunk_indices, scale, T,
@@ -39,6 +41,7 @@ def chunk_local_cumsum_kernel(
     tl.store(o + offs, b_o.to(o.dtype.element_ty), mask=m)
 
 
+@lean
 @triton.jit
 def chunk_global_cumsum_kernel(
     s, o, cu_seqlens, scale, T,

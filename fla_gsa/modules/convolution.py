@@ -33,7 +33,7 @@ from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.launch import lean
-from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_power_of_2
+from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_pow2, next_power_of_2
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -155,8 +155,8 @@ def short_conv_bwd_kernel(
 
 def _conv_grid(x: torch.Tensor, D: int, cu_seqlens):
     B, T = x.shape[:2]
-    BT = min(BLOCK_T, max(16, next_power_of_2(T)))
-    BD = min(BLOCK_D, max(16, next_power_of_2(D)))
+    BT = min(BLOCK_T, next_pow2(T))
+    BD = min(BLOCK_D, next_pow2(D))
     NT, chunk_indices = chunk_grid(cu_seqlens, T, BT)
     return BT, BD, NT, chunk_indices
 

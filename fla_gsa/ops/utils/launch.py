@@ -78,16 +78,10 @@ class LeanKernel:
         compiled = self.fn[grid](*args, **meta)
         if hasattr(compiled, "result"):  # an asynchronous compile
             compiled = compiled.result()
+        # every later parameter is a keyword or has a default: Triton's call above raised otherwise
         params = inspect.signature(self.fn.fn).parameters
-        tail = []
-        for name in tail_names:
-            if name in meta:
-                tail.append(meta[name])
-            elif params[name].default is not inspect.Parameter.empty:
-                tail.append(params[name].default)
-            else:  # Triton's own call has raised on this already; be safe
-                return compiled
-        self.cache[key] = (compiled, tuple(tail))
+        tail = tuple(meta[name] if name in meta else params[name].default for name in tail_names)
+        self.cache[key] = (compiled, tail)
         return compiled
 
 

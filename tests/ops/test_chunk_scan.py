@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import DEVICE, INTERPRET, assert_rel
 
 from fla_gsa.ops.common import chunk_h
@@ -68,17 +69,36 @@ def _reference(k, v, q, do, Gk, Gv, h0, dht, scale, BT):
     return tuple(torch.stack(x) for x in (hs, ht, dhs, dh0, hdk, hdv))
 
 
+def _decayed(k, v, q, do, Gk, Gv, BT):
+    """The scans' pre-decayed inputs, in float64 then fp32: ``k, v`` to their chunk's end, ``q, do`` from
+    its start (query heads of a group share the gates)."""
+    T = k.shape[1]
+    G = q.shape[2] // k.shape[2]
+    out = [x.double() for x in (k, v, q, do)]
+    for i, (Gx, j) in enumerate(((Gk, 0), (Gv, 1))):
+        if Gx is None:
+            continue
+        Gd = Gx.double()
+        last = torch.cat([Gd[:, min(t0 + BT, T) - 1:min(t0 + BT, T)].expand(-1, min(BT, T - t0), -1, -1)
+                          for t0 in range(0, T, BT)], 1)
+        out[j] = out[j] * (last - Gd).exp()
+        out[j + 2] = out[j + 2] * Gd.repeat_interleave(G, dim=2).exp()
+    return [x.float() for x in out]
+
+
+@pytest.mark.parametrize("decayed", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("gates", ["k", "v", "kv"])
 @pytest.mark.parametrize("strong", [False, True])
 @pytest.mark.parametrize("B, T, H, G, K, V", [(2, 200, 2, 1, 24, 40), (1, 157, 1, 2, 40, 20)])
-def test_scans_against_float64(monkeypatch, segments, gates, strong, B, T, H, G, K, V):
+def test_scans_against_float64(monkeypatch, decayed, segments, gates, strong, B, T, H, G, K, V):
     BT = 16
     NT = triton_cdiv(T, BT)
-    # force segments at interpreter sizes (at least 3 chunks each), or forbid them
-    monkeypatch.setattr(chunk_h, "MIN_SEGMENT_CHUNKS", 3)
+    # force segments at interpreter sizes (at least 2 chunks each), or forbid them
+    monkeypatch.setattr(chunk_h, "MIN_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(chunk_h, "SEGMENT_BELOW", 1 << 20 if segments else 0)
-    plan = chunk_h.scan_plan(K, V, B * H, NT)
+    monkeypatch.setattr(chunk_h, "DECAYED_SCAN_PROGRAMS", 1 << 20 if segments else 0)
+    plan = chunk_h.scan_plan(K, V, B * H, NT, decayed)
     assert (plan[2] > 1) == segments, plan
     k = torch.randn(B, T, H, K, device=DEVICE)
     v = torch.randn(B, T, H, V, device=DEVICE)
@@ -90,9 +110,11 @@ def test_scans_against_float64(monkeypatch, segments, gates, strong, B, T, H, G,
     dht = torch.randn(B, H, K, V, device=DEVICE)
     scale = 0.3
     f32 = torch.float32
-    h, ht = chunk_h.chunk_fwd_h(k, v, Gk, Gv, h0, True, None, BT, f32, f32)
-    dh, dh0, hdk, hdv = chunk_h.chunk_bwd_dh(q, do, Gk, Gv, dht, scale, None, BT, H, True, f32, f32, h,
-                                             Gk is not None, Gv is not None)
+    # decayed: the kernels take the gated inputs already decayed (and read only the gates' last rows)
+    kk, vv, qq, dd = _decayed(k, v, q, do, Gk, Gv, BT) if decayed else (k, v, q, do)
+    h, ht = chunk_h.chunk_fwd_h(kk, vv, Gk, Gv, h0, True, None, BT, f32, f32, decayed=decayed)
+    dh, dh0, hdk, hdv = chunk_h.chunk_bwd_dh(qq, dd, Gk, Gv, dht, scale, None, BT, H, True, f32, f32, h,
+                                             Gk is not None, Gv is not None, decayed=decayed)
     r_h, r_ht, r_dh, r_dh0, r_hdk, r_hdv = _reference(k, v, q, do, Gk, Gv, h0, dht, scale, BT)
     tol = 1e-5
     assert_rel("h", h, r_h, tol)
@@ -121,6 +143,20 @@ def test_scan_plan(K, V, NH, NT, segmented):
     else:
         assert L >= (NT or 0)
         assert programs >= chunk_h.MIN_SCAN_PROGRAMS or max(BK, BV) <= 32
+
+
+@pytest.mark.parametrize("K, V, NH, NT, NS", [
+    (512, 64, 32, 32, 1), (512, 64, 16, 64, 4), (64, 512, 4, 256, 16), (512, 64, 16, None, 1), (512, 64, 16, 8, 1),
+    (256, 512, 4, 256, 4), (100, 30, 1, 40, 4)])
+def test_scan_plan_decayed(K, V, NH, NT, NS):
+    # pre-decayed inputs: 64-wide tiles always; segments (4 or more, each of at least MIN_SEGMENT_CHUNKS
+    # chunks) up to DECAYED_SCAN_PROGRAMS programs
+    BK, BV, ns, L = chunk_h.scan_plan(K, V, NH, NT, decayed=True)
+    assert (BK, BV) == (min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V)))
+    assert ns == NS
+    if ns > 1:
+        assert (ns - 1) * L < NT <= ns * L and L >= chunk_h.MIN_SEGMENT_CHUNKS
+        assert triton_cdiv(K, BK) * triton_cdiv(V, BV) * NH * ns <= chunk_h.DECAYED_SCAN_PROGRAMS
 
 
 def triton_cdiv(a, b):

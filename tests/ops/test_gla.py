@@ -9,6 +9,7 @@ from conftest import DEVICE, assert_rel, log_gates
 
 from fla_gsa.ops import (chunk_gla, chunk_global_cumsum, chunk_local_cumsum, fused_recurrent_gla,
                          naive_recurrent_gla)
+from fla_gsa.ops.utils.cumsum import cumsum_fwd, decay_fwd
 
 
 def inputs(B=2, T=50, HQ=2, H=2, K=20, V=36, tau=1.0):
@@ -81,6 +82,38 @@ def test_cumsums(reverse, scalar, varlen):
     dy = torch.randn_like(loc)
     (loc * dy).sum().backward()
     assert_rel("dg", g.grad, _cumsum_ref(dy, 16, not reverse, cu), 1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("strong", [False, True])
+def test_cumsum_decays(varlen, strong):
+    # the scans' pre-decayed inputs: x * e^{G_L - G} with the in-chunk cumsum (made with it), x * e^G with
+    # query heads sharing a gate head (GQA)
+    B = 1 if varlen else 2
+    g = log_gates(B, 83, 2, 20) - (19.5 if strong else 0)
+    x = torch.randn(B, 83, 2, 20, device=DEVICE)
+    cu = torch.tensor([0, 1, 50, 83], device=DEVICE) if varlen else None
+    G, xd = cumsum_fwd(g, 16, cu_seqlens=cu, decay=x)
+    ref = _cumsum_ref(g, 16, False, cu)
+    last = torch.empty_like(ref)
+    bounds = [(0, 83)] if cu is None else list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    for bos, eos in bounds:
+        for c0 in range(bos, eos, 16):
+            c1 = min(c0 + 16, eos)
+            last[:, c0:c1] = ref[:, c1 - 1:c1]
+    assert_rel("G", G, ref, 1e-6)
+    assert xd.dtype == x.dtype
+    assert_rel("x decayed to the chunk end", xd, x.double() * (last - ref).exp(), 1e-6)
+    _, xh = cumsum_fwd(g, 16, cu_seqlens=cu, decay=x, decay_dtype=torch.bfloat16)
+    assert xh.dtype == torch.bfloat16
+    assert_rel("in bf16", xh, x.double() * (last - ref).exp(), 1e-2)
+    xq = torch.randn(B, 83, 4, 20, device=DEVICE)  # 4 query heads on the 2 gate heads
+    y = decay_fwd(xq, G, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == xq.shape
+    assert_rel("x * e^G", y, xq.double() * ref.repeat_interleave(2, dim=2).exp(), 1e-2)
+    with pytest.raises(ValueError, match="decay needs chunk_size"):
+        cumsum_fwd(g, None, decay=x)
 
 
 def test_cumsum_checks():

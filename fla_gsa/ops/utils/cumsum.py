@@ -21,9 +21,9 @@ from fla_gsa.ops.utils.triton_utils import seq_bounds as tl_seq_bounds
 @lean
 @triton.jit
 def chunk_local_cumsum_kernel(
-    s, o, cu_seqlens, chunk_indices, scale, T,
+    s, o, x, xd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, DECAY: tl.constexpr,
 ):
     i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -38,7 +38,25 @@ def chunk_local_cumsum_kernel(
         b_o = tl.sum(b_s, axis=0)[None, :] - b_o + b_s
     if HAS_SCALE:
         b_o = b_o * scale
-    tl.store(o + offs, b_o.to(o.dtype.element_ty), mask=m)
+    b_o = b_o.to(o.dtype.element_ty)
+    tl.store(o + offs, b_o, mask=m)
+    if DECAY:  # xd = x * e^{G_L - G}, G_L the chunk's last row exactly as stored (the scans read that row)
+        last = tl.minimum(i_t * BT + BT, T) - 1
+        b_l = tl.sum(tl.where((o_t == last)[:, None], b_o.to(tl.float32), 0), axis=0)  # [BD]
+        b_x = tl.load(x + offs, mask=m, other=0).to(tl.float32)
+        b_x = b_x * tl.exp(b_l[None, :] - b_o.to(tl.float32))
+        tl.store(xd + offs, b_x.to(xd.dtype.element_ty), mask=m)
+
+
+@lean
+@triton.jit
+def decay_kernel(x, g, y, N, D: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    # x, y [.., H * GROUP, D] and g [.., H, D], flat: head i of x reads head i // GROUP of g
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_x = tl.load(x + o, mask=m, other=0).to(tl.float32)
+    b_g = tl.load(g + (o // (GROUP * D)) * D + o % D, mask=m, other=0).to(tl.float32)
+    tl.store(y + o, (b_x * tl.exp(b_g)).to(y.dtype.element_ty), mask=m)
 
 
 @lean
@@ -94,7 +112,7 @@ def _torch_cumsum(g, chunk_size, reverse, cu_seqlens):
     return out
 
 
-def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
+def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, x=None, xd=None):
     g4 = _as_4d(g).contiguous()
     B, T, H, D = g4.shape
     o = torch.empty_like(g4, dtype=output_dtype)
@@ -103,7 +121,8 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
     if chunk_size is not None:
         NT, indices = chunk_grid(cu_seqlens, T, chunk_size)
         grid = (cdiv(D, BD), NT, B * H)
-        chunk_local_cumsum_kernel[grid](g4, o, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size, **common)
+        chunk_local_cumsum_kernel[grid](g4, o, x, xd, cu_seqlens, indices, scale or 1.0, T, BT=chunk_size,
+                                        DECAY=x is not None, **common)
     else:
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         grid = (cdiv(D, BD), N * H)
@@ -111,13 +130,48 @@ def _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype):
     return o.view(g.shape)
 
 
-def cumsum_fwd(g, chunk_size=None, reverse=False, scale=None, cu_seqlens=None, output_dtype=torch.float32):
+def cumsum_fwd(g, chunk_size=None, reverse=False, scale=None, cu_seqlens=None, output_dtype=torch.float32,
+               decay=None, decay_dtype=None):
     """Unchecked, non-differentiable cumsum for use inside other ops (``chunk_size=None``: whole
-    sequences)."""
+    sequences).
+
+    ``decay`` (a tensor of ``g``'s shape, with ``chunk_size``, forward, no ``scale``): also return it
+    decayed to the end of its chunk, ``decay * e^{G_L - G}`` with ``G`` the result and ``G_L`` its value
+    at the chunk's last row, in ``decay_dtype`` (default ``decay``'s): the gated input of a state scan
+    (``chunk_fwd_h(decayed=True)``). Returns ``(G, decayed)`` then."""
+    if decay is not None and (chunk_size is None or reverse or scale is not None):
+        raise ValueError("cumsum_fwd: decay needs chunk_size, reverse=False and no scale")
     if use_triton(g):
-        return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
+        if decay is None:
+            return _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype)
+        xd = torch.empty_like(decay, dtype=decay_dtype or decay.dtype)
+        G = _launch(g, chunk_size, reverse, scale, cu_seqlens, output_dtype, decay.contiguous(), xd)
+        return G, xd
     o = _torch_cumsum(_as_4d(g), chunk_size, reverse, cu_seqlens).view(g.shape)
-    return (o * scale if scale is not None else o).to(output_dtype)
+    o = (o * scale if scale is not None else o).to(output_dtype)
+    if decay is None:
+        return o
+    last = o.new_empty(o.shape, dtype=torch.float32)
+    for b, bos, eos in seq_bounds(cu_seqlens, g.shape[0], g.shape[1]):
+        for t0 in range(bos, eos, chunk_size):
+            t1 = min(t0 + chunk_size, eos)
+            last[b, t0:t1] = o[b, t1 - 1].float()
+    return o, (decay.float() * (last - o.float()).exp()).to(decay_dtype or decay.dtype)
+
+
+def decay_fwd(x, G, dtype):
+    """``x * e^G`` in ``dtype`` (fp32 arithmetic) for ``x [B, T, HQ, D]`` and in-chunk cumsums ``G [B,
+    T, H, D]`` (``HQ = GROUP * H``: query head ``i`` takes ``G``'s head ``i // GROUP``): the gated input of a
+    backward state scan (``chunk_bwd_dh(decayed=True)``). One Triton launch."""
+    B, T, HQ, D = x.shape
+    group = HQ // G.shape[2]
+    if not use_triton(x):
+        return (x.float() * G.float().repeat_interleave(group, dim=2).exp()).to(dtype)
+    x, G = x.contiguous(), G.contiguous()
+    y = torch.empty_like(x, dtype=dtype)
+    N, BLOCK = x.numel(), 2048
+    decay_kernel[(cdiv(N, BLOCK),)](x, G, y, N, D=D, GROUP=group, BLOCK=BLOCK)
+    return y
 
 
 class _CumsumFunction(torch.autograd.Function):

@@ -2,7 +2,8 @@
 
 Forward, forward+backward and one-token decode, timed with ``triton.testing.do_bench`` medians in one
 process, side by side, with the GPU time of the same calls (the sum of their kernels' durations, from
-``torch.profiler``) and the peak extra memory of forward+backward. Prints a table, writes CSV (and
+``torch.profiler``), their host time (Python and launches) and the peak extra memory of
+forward+backward. Prints a table, writes CSV (and
 a PNG plot of time against sequence length when matplotlib is there).
 
     python benchmarks/ops/bench_ops.py                       # the default table (16K tokens per batch)
@@ -134,7 +135,8 @@ def bench_chunk(op, lib, fn, B, T, a, rows, modes):
         with torch.no_grad():
             ms = _time(lambda: fn(*args))
             gpu = _gpu_ms(lambda: fn(*args))
-        rows.append(dict(op=op, mode="fwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=gpu))
+            host = _host_us(lambda: fn(*args))
+        rows.append(dict(op=op, mode="fwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=gpu, host_us=host))
     if "fwdbwd" in modes:
         args = _inputs(op, B, T, a, torch.bfloat16, True)
         do = None
@@ -148,7 +150,8 @@ def bench_chunk(op, lib, fn, B, T, a, rows, modes):
 
         ms = _time(step)
         mb = _peak_extra_mb(step)
-        rows.append(dict(op=op, mode="fwdbwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=_gpu_ms(step), peak_mb=mb))
+        rows.append(dict(op=op, mode="fwdbwd", B=B, T=T, lib=lib, ms=ms, gpu_ms=_gpu_ms(step), peak_mb=mb,
+                         host_us=_host_us(step)))
 
 
 def bench_decode(lib, fn, B, a, rows):
@@ -165,18 +168,22 @@ def bench_decode(lib, fn, B, a, rows):
                          host_us=_host_us(step)))
 
 
-def _host_us(fn, n=1000):
-    """Host (Python + launch) microseconds per call, the GPU kept busy: what a decoding loop pays when
-    it is not captured in a CUDA graph. ``do_bench`` hides it behind its cache flush."""
-    for _ in range(20):
+def _host_us(fn, n=10, rounds=7):
+    """Host (Python + launch) microseconds per call: the median over ``rounds`` of ``n`` calls issued
+    back to back after a synchronize, timed until the last call returns (few enough that the launch
+    queue never fills, so the GPU's time does not leak in). Where it exceeds the GPU time, the wall
+    time is the host's: what a loop pays when it is not captured in a CUDA graph."""
+    for _ in range(3):
         fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n * 1e6)
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return host / n * 1e6
+    return sorted(times)[rounds // 2]
 
 
 def bench_sdpa(B, T, rows, modes):
@@ -184,7 +191,8 @@ def bench_sdpa(B, T, rows, modes):
     if "fwd" in modes:
         with torch.no_grad():
             fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-            rows.append(dict(op="sdpa", mode="fwd", B=B, T=T, lib="torch", ms=_time(fwd), gpu_ms=_gpu_ms(fwd)))
+            rows.append(dict(op="sdpa", mode="fwd", B=B, T=T, lib="torch", ms=_time(fwd), gpu_ms=_gpu_ms(fwd),
+                             host_us=_host_us(fwd)))
     if "fwdbwd" in modes:
         do = torch.randn_like(q)
 
@@ -193,7 +201,7 @@ def bench_sdpa(B, T, rows, modes):
             torch.autograd.grad(o, (q, k, v), do)
 
         rows.append(dict(op="sdpa", mode="fwdbwd", B=B, T=T, lib="torch", ms=_time(step), gpu_ms=_gpu_ms(step),
-                         peak_mb=_peak_extra_mb(step)))
+                         peak_mb=_peak_extra_mb(step), host_us=_host_us(step)))
 
 
 def main(argv=None):

@@ -58,19 +58,26 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def _scan_inputs(k, v, Gk, decayed_input):
+    """``(k, v)`` of a state scan: with one gate, the gated one (``k`` if ``Gk`` is given, else ``v``)
+    replaced by ``decayed_input``, its copy decayed to its chunk's end (None: as given)."""
+    if decayed_input is None:
+        return k, v
+    return (decayed_input, v) if Gk is not None else (k, decayed_input)
+
+
 def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
-              need_dgv=False, G=None, softmax=False, h_inputs=None):
+              need_dgv=False, G=None, softmax=False, decayed_input=None):
     """Forward; with ``need_dgv`` also ``o`` without its diagonal terms (fp32), for the value-side gate
     gradient. ``G``: the in-chunk cumsum of the one gate given, if the caller has it already.
     ``softmax``: return ``softmax(o)`` over V in place of ``o`` (the lower kernel takes it).
-    ``h_inputs``: ``(k, v)`` for the state scan with the gated one already decayed to its chunk's end
-    (``chunk_fwd_h(decayed=True)``), in the compute dtype."""
+    ``decayed_input`` (one gate): the gated input already decayed to its chunk's end, in the compute
+    dtype (``cumsum_fwd(decay=...)``), which the state scan then reads (``chunk_fwd_h(decayed=True)``)."""
     cdt = compute_dtype(k, v, q)
     Gk = (G if G is not None else cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens)) if gk is not None else None
     Gv = (G if G is not None else cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens)) if gv is not None else None
-    hk, hv = h_inputs if h_inputs is not None else (k, v)
-    h, ht = chunk_fwd_h(hk, hv, Gk, Gv, initial_state, output_final_state, cu_seqlens, chunk_size, cdt, cdt,
-                        decayed=h_inputs is not None)
+    h, ht = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, output_final_state,
+                        cu_seqlens, chunk_size, cdt, cdt, decayed=decayed_input is not None)
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
     o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt, no_diag=need_dgv,
                           softmax=True if softmax else None)
@@ -80,25 +87,26 @@ def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seql
 
 def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
               need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32), softmax_q=None, dv_acc=None,
-              dg_acc=None, h_inputs=None, dh_inputs=None):
+              dg_acc=None, decayed_input=None, decay_dh=False):
     """Gradients ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written so by the kernels), ``dgk, dgv`` in
     ``gate_dtypes``, ``dh0`` fp32. Fusions for a caller that chains passes: ``softmax_q`` (with ``q =
     softmax_q``, a softmax's output) returns the gradient of that softmax's input in place of ``dq``;
-    ``dv_acc`` is added to ``dv``, ``dg_acc`` to the one gate gradient asked for. Pre-decayed scan inputs
-    (the compute dtype): ``h_inputs`` ``(k, v)`` as in :func:`chunk_fwd` for recomputing ``h``,
-    ``dh_inputs`` ``(q, do)`` with the gated one times ``e^G`` (``chunk_bwd_dh(decayed=True)``)."""
+    ``dv_acc`` is added to ``dv``, ``dg_acc`` to the one gate gradient asked for. Decayed scans (one
+    gate): ``decayed_input`` as in :func:`chunk_fwd`, for recomputing ``h``; ``decay_dh``: the state
+    gradients' scan reads the gated one of ``q``, ``do`` times ``e^G`` (``decay_fwd``, one launch;
+    ``chunk_bwd_dh(decayed=True)``)."""
     if dg_acc is not None and need_dgk and need_dgv:
         raise ValueError("dg_acc goes to one gate gradient; both were asked for")
     B, T, H = k.shape[:3]
     cdt = compute_dtype(k, v, q)
     if h is None:  # recompute the chunk-boundary states instead of having kept them
-        hk, hv = h_inputs if h_inputs is not None else (k, v)
-        h, _ = chunk_fwd_h(hk, hv, Gk, Gv, initial_state, False, cu_seqlens, chunk_size, cdt, cdt,
-                           decayed=h_inputs is not None)
-    dq_in, do_in = dh_inputs if dh_inputs is not None else (q, do)
-    dh, dh0, hdk, hdv = chunk_bwd_dh(dq_in, do_in, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
-                                     initial_state is not None, cdt, cdt, h, need_dgk, need_dgv,
-                                     decayed=dh_inputs is not None)
+        h, _ = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, False, cu_seqlens,
+                           chunk_size, cdt, cdt, decayed=decayed_input is not None)
+    q_in, do_in = q, do
+    if decay_dh:
+        q_in, do_in = (decay_fwd(q, Gk, cdt), do) if Gk is not None else (q, decay_fwd(do, Gv, cdt))
+    dh, dh0, hdk, hdv = chunk_bwd_dh(q_in, do_in, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
+                                     initial_state is not None, cdt, cdt, h, need_dgk, need_dgv, decayed=decay_dh)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
     dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
                            acc=dv_acc)
@@ -127,35 +135,28 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         need_dgk = gk is not None and ctx.needs_input_grad[3]
         need_dgv = gv is not None and ctx.needs_input_grad[4]
         # one gate: its cumsum launch also decays the gated input for the state scans (DECAYED_SCANS)
-        cdt = compute_dtype(k, v, q) if DECAYED_SCANS and (gk is None) != (gv is None) else None
-        G = xd = h_inputs = None
-        if cdt is not None:
+        decayed = DECAYED_SCANS and (gk is None) != (gv is None)
+        G = xd = None
+        if decayed:
             G, xd = cumsum_fwd(gk if gk is not None else gv, chunk_size, cu_seqlens=cu_seqlens,
-                               decay=k if gk is not None else v, decay_dtype=cdt)
-            h_inputs = (xd, v) if gk is not None else (k, xd)
+                               decay=k if gk is not None else v, decay_dtype=compute_dtype(k, v, q))
         Gk, Gv, h, A, o, o_nd, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                              chunk_size, output_dtype, need_dgv, G, h_inputs=h_inputs)
+                                              chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
         keep_h = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens,
                               None if keep_h else xd)
         ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
-                    [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)], cdt)
+                    [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)], decayed)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, Gk, Gv, h, A, o_nd, h0, cu_seqlens, xd = ctx.saved_tensors
-        scale, chunk_size, need_dgk, need_dgv, dtypes, cdt = ctx.meta
-        do = do.contiguous()
-        h_inputs = dh_inputs = None
-        if xd is not None:
-            h_inputs = (xd, v) if Gk is not None else (k, xd)
-        if cdt is not None:
-            dh_inputs = (decay_fwd(q, Gk, cdt), do) if Gk is not None else (q, decay_fwd(do, Gv, cdt))
+        scale, chunk_size, need_dgk, need_dgv, dtypes, decayed = ctx.meta
         dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
-            q, k, v, Gk, Gv, h, A, o_nd, do, dht.contiguous() if dht is not None else None,
-            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5], h_inputs=h_inputs,
-            dh_inputs=dh_inputs)
+            q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
+            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5], decayed_input=xd,
+            decay_dh=decayed)
         dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
         return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
 

@@ -18,7 +18,7 @@ from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unc
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
-from fla_gsa.ops.utils.cumsum import cumsum_fwd, decay_fwd
+from fla_gsa.ops.utils.cumsum import cumsum_fwd
 
 
 # slots up to which one program holds a whole row of slot logits (the fused softmax); more: PyTorch's softmax
@@ -51,37 +51,35 @@ class ChunkGSAFunction(torch.autograd.Function):
         # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32
         _, _, hk, Ak, p, ok_nd, hkt = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
                                                 chunk_size, torch.float32, need_dg, G, softmax=fuse,
-                                                h_inputs=(k, sd) if decayed else None)
+                                                decayed_input=sd)
         if not fuse:
             p = p.softmax(dim=-1)
         # pass V, the gate on the key side
         _, _, hv, Av, o, _, hvt = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
-                                            chunk_size, v.dtype, False, G, h_inputs=(sd, v) if decayed else None)
+                                            chunk_size, v.dtype, False, G, decayed_input=sd)
         keep = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
                               cu_seqlens, None if keep else sd)
-        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, cdt if decayed else None)
+        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed)
         return o, hkt, hvt
 
     @staticmethod
     def backward(ctx, do, dhkt, dhvt):
         q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd = ctx.saved_tensors
-        scale, chunk_size, fuse, need_dg, g_dtype, cdt = ctx.meta
+        scale, chunk_size, fuse, need_dg, g_dtype, decayed = ctx.meta
         do = do.contiguous()
         # pass V: gradients of p (through the softmax when fused), s (as keys), v, g (key side)
         dok, ds, dv, dg, _, dhv0 = chunk_bwd(
             p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
             cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
-            h_inputs=(sd, v) if sd is not None else None,
-            dh_inputs=(decay_fwd(p, G, cdt), do) if cdt is not None else None)
+            decayed_input=sd, decay_dh=decayed)
         if not fuse:
             dok = p * (dok - (p * dok).sum(-1, keepdim=True))
         # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
         dq, dk, ds, _, dg, dhk0 = chunk_bwd(
             q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
             cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
-            h_inputs=(k, sd) if sd is not None else None,
-            dh_inputs=(q, decay_fwd(dok, G, cdt)) if cdt is not None else None)
+            decayed_input=sd, decay_dh=decayed)
         dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
         dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
         return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None

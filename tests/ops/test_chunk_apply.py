@@ -170,3 +170,31 @@ def test_half(upper, dtype):
     if INTERPRET and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter gets bfloat16 wrong")
     check(upper, 50, 32, G=2, no_diag=True, strong=False, dtype=dtype, ref_tol=2e-2)
+
+
+@pytest.mark.parametrize("softmax", [None, True, "grad"])
+@pytest.mark.parametrize("strong", [False, True])
+def test_lower_decayed_output(softmax, strong):
+    # decayed_dtype: the lower kernel also stores y * e^{gy} (of y as stored, GQA heads reading their
+    # group's gates), with y plain, a softmax over its row, or the gradient through a given softmax
+    cu = torch.tensor([0, 15, 79, 80, 130], dtype=torch.int32, device=DEVICE)
+    inp = make_inputs(False, 1, 130, 2, 2, 20, 12, 16, strong, cu)
+    sp = torch.softmax(torch.randn(1, 130, 4, 12, device=DEVICE), -1)
+    sm = sp if softmax == "grad" else softmax
+    y, y_nd, yd = chunk_o.chunk_apply_lower(inp["p"], inp["gp"], inp["m"], inp["x"], inp["gy"], inp["A"], 0.7, cu,
+                                            16, torch.float32, torch.float32, no_diag=True, softmax=sm,
+                                            decayed_dtype=torch.float32)
+    y2 = chunk_o.chunk_apply_lower(inp["p"], inp["gp"], inp["m"], inp["x"], inp["gy"], inp["A"], 0.7, cu, 16,
+                                   torch.float32, torch.float32, softmax=sm)
+    assert torch.equal(y, y2)
+    ref = reference(False, inp, 0.7, cu, 16)[0]
+    if softmax is True:
+        ref = ref.softmax(-1)
+    elif softmax == "grad":
+        ref = sp.double().cpu() * (ref - (sp.double().cpu() * ref).sum(-1, keepdim=True))
+    assert_rel("y vs float64", y, ref, TOL)
+    gq = inp["gy"].double().cpu().repeat_interleave(2, dim=2)
+    assert_rel("yd vs float64", yd, ref * gq.exp(), TOL)
+    with pytest.raises(ValueError, match="decayed_dtype needs gy"):
+        chunk_o.chunk_apply_lower(inp["p"], inp["gp"], inp["m"], inp["x"], None, inp["A"], 0.7, cu, 16,
+                                  torch.float32, torch.float32, decayed_dtype=torch.float32)

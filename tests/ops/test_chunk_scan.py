@@ -127,6 +127,42 @@ def test_scans_against_float64(monkeypatch, decayed, segments, gates, strong, B,
         assert_rel("hdv", hdv.sum(0), r_hdv, tol)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("B, T, H, K, V, M, varlen", [(2, 200, 2, 24, 40, 20, False), (1, 157, 1, 72, 20, 70, False),
+                                                     (1, 130, 2, 16, 48, 8, True)])
+def test_slot_scans_against_float64(monkeypatch, segments, strong, B, T, H, K, V, M, varlen):
+    # GSA's two forward scans in one launch: hk = k^T s (gate on the slots, the state's columns) and
+    # hv = s^T v (gate on its rows), from s decayed to its chunk's end, against the float64 loop
+    BT = 16
+    cu = torch.tensor([0, 15, 79, 80, 130], dtype=torch.int32, device=DEVICE) if varlen else None
+    monkeypatch.setattr(chunk_h, "MIN_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(chunk_h, "DECAYED_SCAN_PROGRAMS", 1 << 20 if segments else 0)
+    k = torch.randn(B, T, H, K, device=DEVICE)
+    v = torch.randn(B, T, H, V, device=DEVICE)
+    s = torch.rand(B, T, H, M, device=DEVICE)
+    g = F.logsigmoid(torch.randn(B, T, H, M, device=DEVICE))
+    G, sd = cumsum_fwd(g - 19.5 if strong else g, BT, cu_seqlens=cu, decay=s)
+    N = B if cu is None else len(cu) - 1
+    hk0, hv0 = torch.randn(N, H, K, M, device=DEVICE), torch.randn(N, H, M, V, device=DEVICE)
+    f32 = torch.float32
+    hk, hv, hkt, hvt = chunk_h.chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, True, cu, BT, f32)
+    seqs = [(b, 0, T) for b in range(B)] if cu is None else [(0, int(a), int(e)) for a, e in zip(cu[:-1], cu[1:])]
+    r_hk, r_hkt, r_hv, r_hvt = [], [], [], []
+    for n, (b, bos, eos) in enumerate(seqs):
+        x = [t[b:b + 1, bos:eos] for t in (k, v, s, G)]
+        rk = _reference(x[0], x[2], x[0], x[2], None, x[3], hk0[n:n + 1], None, 1.0, BT)
+        rv = _reference(x[2], x[1], x[2], x[1], x[3], None, hv0[n:n + 1], None, 1.0, BT)
+        r_hk.append(rk[0]), r_hkt.append(rk[1]), r_hv.append(rv[0]), r_hvt.append(rv[1])
+    tol = 1e-5
+    assert_rel("hk", hk, torch.cat(r_hk), tol)
+    assert_rel("hv", hv, torch.cat(r_hv), tol)
+    assert_rel("hkt", hkt, torch.cat(r_hkt), tol)
+    assert_rel("hvt", hvt, torch.cat(r_hvt), tol)
+    # the plan split the fixed-length scans into segments, or did not
+    assert (chunk_h._decayed_segments(1, None if varlen else triton_cdiv(T, BT))[0] > 1) == (segments and not varlen)
+
+
 @pytest.mark.parametrize("K, V, NH, NT, segmented", [
     (512, 64, 4, 256, True), (64, 512, 8, 128, True), (64, 512, 16, 64, False), (256, 512, 4, 256, False),
     (512, 64, 32, 32, False), (512, 64, 4, None, False), (100, 30, 1, 3, False), (512, 64, 1, 12, False)])

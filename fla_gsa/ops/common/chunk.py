@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from fla_gsa.ops.common.chunk_dg import chunk_gate_grad
+from fla_gsa.ops.common.chunk_dg import GateGradTerms, chunk_gate_grad
 from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
 from fla_gsa.ops.common.chunk_scores import chunk_scores
@@ -67,34 +67,50 @@ def _scan_inputs(k, v, Gk, decayed_input):
 
 
 def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
-              need_dgv=False, G=None, softmax=False, decayed_input=None):
-    """Forward; with ``need_dgv`` also ``o`` without its diagonal terms (fp32), for the value-side gate
-    gradient. ``G``: the in-chunk cumsum of the one gate given, if the caller has it already.
-    ``softmax``: return ``softmax(o)`` over V in place of ``o`` (the lower kernel takes it).
-    ``decayed_input`` (one gate): the gated input already decayed to its chunk's end, in the compute
-    dtype (``cumsum_fwd(decay=...)``), which the state scan then reads (``chunk_fwd_h(decayed=True)``)."""
+              need_dgv=False, G=None, softmax=False, decayed_input=None, states=None, decay_out=False):
+    """Forward: ``(Gk, Gv, h, A, o, o_nd, ht, od)``. With ``need_dgv`` also ``o_nd``, ``o`` without its
+    diagonal terms (fp32), for the value-side gate gradient. ``G``: the in-chunk cumsum of the one gate
+    given, if the caller has it already. ``softmax``: return ``softmax(o)`` over V in place of ``o`` (the
+    lower kernel takes it). ``decayed_input`` (one gate): the gated input already decayed to its chunk's
+    end, in the compute dtype (``cumsum_fwd(decay=...)``), which the state scan then reads
+    (``chunk_fwd_h(decayed=True)``). ``states``: ``(h, ht)`` from the caller's own scan instead.
+    ``decay_out`` (a gate on the value side): also ``od = o ⊙ e^{Gv}`` in the compute dtype, the gated
+    input of a decayed backward scan whose queries are ``o`` (else None)."""
     cdt = compute_dtype(k, v, q)
     Gk = (G if G is not None else cumsum_fwd(gk, chunk_size, cu_seqlens=cu_seqlens)) if gk is not None else None
     Gv = (G if G is not None else cumsum_fwd(gv, chunk_size, cu_seqlens=cu_seqlens)) if gv is not None else None
-    h, ht = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, output_final_state,
-                        cu_seqlens, chunk_size, cdt, cdt, decayed=decayed_input is not None)
+    if states is None:
+        states = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, output_final_state,
+                             cu_seqlens, chunk_size, cdt, cdt, decayed=decayed_input is not None)
+    h, ht = states
     A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
     o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt, no_diag=need_dgv,
-                          softmax=True if softmax else None)
-    o, o_nd = o if need_dgv else (o, None)
-    return Gk, Gv, h, A, o, o_nd, ht
+                          softmax=True if softmax else None, decayed_dtype=cdt if decay_out else None)
+    o, o_nd, od = _unpack(o, need_dgv, decay_out)
+    return Gk, Gv, h, A, o, o_nd, ht, od
+
+
+def _unpack(y, no_diag, decayed):
+    """``(y, y_nd or None, yd or None)`` from what :func:`chunk_apply_lower` returned."""
+    if not (no_diag or decayed):
+        return y, None, None
+    return y[0], y[1] if no_diag else None, y[-1] if decayed else None
 
 
 def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
               need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32), softmax_q=None, dv_acc=None,
-              dg_acc=None, decayed_input=None, decay_dh=False):
-    """Gradients ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written so by the kernels), ``dgk, dgv`` in
-    ``gate_dtypes``, ``dh0`` fp32. Fusions for a caller that chains passes: ``softmax_q`` (with ``q =
-    softmax_q``, a softmax's output) returns the gradient of that softmax's input in place of ``dq``;
-    ``dv_acc`` is added to ``dv``, ``dg_acc`` to the one gate gradient asked for. Decayed scans (one
-    gate): ``decayed_input`` as in :func:`chunk_fwd`, for recomputing ``h``; ``decay_dh``: the state
-    gradients' scan reads the gated one of ``q``, ``do`` times ``e^G`` (``decay_fwd``, one launch;
-    ``chunk_bwd_dh(decayed=True)``)."""
+              dg_acc=None, decayed_input=None, decay_dh=False, dh_input=None, decay_dq=False, defer_dg=False):
+    """Gradients ``(dq, dk, dv, dgk, dgv, dh0, dqd)``: ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written
+    so by the kernels), ``dgk, dgv`` in ``gate_dtypes``, ``dh0`` fp32. Fusions for a caller that chains
+    passes: ``softmax_q`` (with ``q = softmax_q``, a softmax's output) returns the gradient of that
+    softmax's input in place of ``dq``; ``dv_acc`` is added to ``dv``, ``dg_acc`` to the one gate gradient
+    asked for (a tensor, or another pass's ``GateGradTerms`` of the same gate and ``b``, summed in the
+    same launch); ``defer_dg`` returns the gate gradient's ``GateGradTerms`` in place of it, for such a
+    later pass; ``decay_dq`` (a gate on the key side) also returns ``dqd = dq ⊙ e^{Gk}`` in the compute
+    dtype (else None), the input of the next pass's ``dh_input``. Decayed scans (one gate):
+    ``decayed_input`` as in :func:`chunk_fwd`, for recomputing ``h``; ``decay_dh``: the state gradients'
+    scan reads the gated one of ``q``, ``do`` times ``e^G`` (``chunk_bwd_dh(decayed=True)``): that is
+    ``dh_input`` if the caller has it, else made here (``decay_fwd``, one launch)."""
     if dg_acc is not None and need_dgk and need_dgv:
         raise ValueError("dg_acc goes to one gate gradient; both were asked for")
     B, T, H = k.shape[:3]
@@ -104,24 +120,31 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
                            chunk_size, cdt, cdt, decayed=decayed_input is not None)
     q_in, do_in = q, do
     if decay_dh:
-        q_in, do_in = (decay_fwd(q, Gk, cdt), do) if Gk is not None else (q, decay_fwd(do, Gv, cdt))
+        if dh_input is None:
+            dh_input = decay_fwd(q, Gk, cdt) if Gk is not None else decay_fwd(do, Gv, cdt)
+        q_in, do_in = (dh_input, do) if Gk is not None else (q, dh_input)
     dh, dh0, hdk, hdv = chunk_bwd_dh(q_in, do_in, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
                                      initial_state is not None, cdt, cdt, h, need_dgk, need_dgv, decayed=decay_dh)
     dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
     dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
                            acc=dv_acc)
     dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk, softmax=softmax_q)
+                           no_diag=need_dgk, softmax=softmax_q, decayed_dtype=cdt if decay_dq else None)
+    dq, dq_nd, dqd = _unpack(dq, need_dgk, decay_dq)
     dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk)
     dgk = dgv = None
     if need_dgk:
-        (dq, dq_nd), (dk, dk_nd, dk_st) = dq, dk
-        dgk = chunk_gate_grad(q, dq_nd, k, dk_nd, dk_st, hdk, cu_seqlens, chunk_size, gate_dtypes[0], dg_acc)
+        dk, dk_nd, dk_st = dk
+        dgk = GateGradTerms(q, dq_nd, k, dk_nd, dk_st, hdk)
+        if not defer_dg:
+            dgk = chunk_gate_grad(*dgk, cu_seqlens, chunk_size, gate_dtypes[0], dg_acc)
     if need_dgv:
         dv, dv_nd, dv_st = dv
-        dgv = chunk_gate_grad(do, o_nd, v, dv_nd, dv_st, hdv, cu_seqlens, chunk_size, gate_dtypes[1], dg_acc)
-    return dq, dk, dv, dgk, dgv, dh0
+        dgv = GateGradTerms(do, o_nd, v, dv_nd, dv_st, hdv)
+        if not defer_dg:
+            dgv = chunk_gate_grad(*dgv, cu_seqlens, chunk_size, gate_dtypes[1], dg_acc)
+    return dq, dk, dv, dgk, dgv, dh0, dqd
 
 
 class ChunkLinearAttnFunction(torch.autograd.Function):
@@ -140,7 +163,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         if decayed:
             G, xd = cumsum_fwd(gk if gk is not None else gv, chunk_size, cu_seqlens=cu_seqlens,
                                decay=k if gk is not None else v, decay_dtype=compute_dtype(k, v, q))
-        Gk, Gv, h, A, o, o_nd, ht = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
+        Gk, Gv, h, A, o, o_nd, ht, _ = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
                                               chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
         keep_h = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens,
@@ -153,7 +176,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, Gk, Gv, h, A, o_nd, h0, cu_seqlens, xd = ctx.saved_tensors
         scale, chunk_size, need_dgk, need_dgv, dtypes, decayed = ctx.meta
-        dq, dk, dv, dgk, dgv, dh0 = chunk_bwd(
+        dq, dk, dv, dgk, dgv, dh0, _ = chunk_bwd(
             q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
             scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5], decayed_input=xd,
             decay_dh=decayed)

@@ -225,6 +225,91 @@ def chunk_bwd_dh_kernel(
             tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh.to(dh0.dtype.element_ty), mask=m_kv)
 
 
+@triton.jit
+def _slot_scan(x, s, g, h, h0, ht, seg, seg_g, i_f, i_m, i_nh, i_h, i_s, bos, T, NT, boh, NS, L,
+               H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, ROW0: tl.constexpr, DKV: tl.constexpr,
+               BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, SLOTS_FIRST: tl.constexpr,
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    """One program of :func:`chunk_fwd_h_slots_kernel`: the ``[BD, BM]`` tile ``x^T s`` of one pass's
+    state, held as (feature, slot) and stored as ``[D, M]`` or, ``SLOTS_FIRST``, as ``[M, D]``."""
+    o_f = i_f * BD + tl.arange(0, BD)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_f, m_m = o_f < D, o_m < M
+    m_fm = m_f[:, None] & m_m[None, :]
+    if SLOTS_FIRST:
+        o_h = o_m[None, :] * D + o_f[:, None]
+    else:
+        o_h = o_f[:, None] * M + o_m[None, :]
+    o_seg = (ROW0 + o_f)[:, None] * M + o_m[None, :]  # this pass's rows of a segment's [K + V, M] result
+
+    b_h = tl.zeros([BD, BM], dtype=tl.float32)
+    b_t = tl.zeros([BM], dtype=tl.float32)
+    if not REDUCE:
+        if USE_H0:
+            b_h += tl.load(h0 + i_nh.to(tl.int64) * D * M + o_h, mask=m_fm, other=0).to(tl.float32)
+        if SPLIT:
+            for i_p in range(0, i_s):  # the segments before this one: h <- decay * h + their end state
+                p_seg = i_nh.to(tl.int64) * NS + i_p
+                b_h = b_h * tl.exp(tl.load(seg_g + p_seg * M + o_m, mask=m_m, other=0))[None, :]
+                b_h += tl.load(seg + p_seg * DKV * M + o_seg, mask=m_fm, other=0)
+
+    for i_t in range(i_s * L, tl.minimum(i_s * L + L, NT)):
+        if not REDUCE:
+            tl.store(h + ((boh + i_t) * H + i_h) * D * M + o_h, b_h.to(h.dtype.element_ty), mask=m_fm)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_x = load_tile(x, bos, o_t, m_t, i_h, H, D, o_f, m_f)  # [BT, BD]
+        b_s = load_tile(s, bos, o_t, m_t, i_h, H, M, o_m, m_m)  # [BT, BM], decayed to the chunk's end
+        b_gl = load_row(g, bos, tl.minimum(i_t * BT + BT, T) - 1, i_h, H, M, o_m, m_m)  # [BM]
+        b_h = b_h * tl.exp(b_gl)[None, :]
+        b_t += b_gl
+        # a fresh accumulator, then added (as chunk_fwd_h_kernel's decayed scans)
+        b_h = tl.fma(tl.dot(tl.trans(b_x.to(DT)), b_s.to(DT), input_precision=PREC), 1.0, b_h)
+
+    if REDUCE:
+        p_seg = i_nh.to(tl.int64) * NS + i_s
+        tl.store(seg + p_seg * DKV * M + o_seg, b_h, mask=m_fm)
+        if ROW0 == 0:  # the segment's total log-gates, once (the first feature block of the first pass)
+            tl.store(seg_g + p_seg * M + o_m, b_t, mask=m_m & (o_m * 0 + i_f == 0))
+    elif STORE_HT:
+        if i_s == NS - 1:
+            tl.store(ht + i_nh.to(tl.int64) * D * M + o_h, b_h.to(ht.dtype.element_ty), mask=m_fm)
+
+
+@lean
+@triton.jit
+def chunk_fwd_h_slots_kernel(
+    k, v, s, g, hk, hv, hk0, hv0, hkt, hvt, seg, seg_g, cu_seqlens, chunk_offsets, T, NS, L,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, NDK: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    # GSA's two forward scans in one launch. Programs (i_f < NDK) take feature block i_f of pass K's
+    # state k^T s ([K, M]); the others block i_f - NDK of pass V's s^T v ([M, V]), held transposed as
+    # v^T s. Both read the same decayed slot writes s and slot-gate rows, so the programs of one chunk
+    # (adjacent along axis 0) share those tiles in L2. Segments as in chunk_fwd_h_kernel.
+    i_f, i_m, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if REDUCE:
+        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1)
+    else:
+        i_nh, i_s = i_nhs // NS, i_nhs % NS
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = (i_n * NT).to(tl.int64)
+    if i_f < NDK:
+        _slot_scan(k, s, g, hk, hk0, hkt, seg, seg_g, i_f, i_m, i_nh, i_h, i_s, bos, T, NT, boh, NS, L, H, K, M,
+                   0, K + V, BT, BDK, BM, False, USE_H0, STORE_HT, SPLIT, REDUCE, DT, PREC)
+    else:
+        _slot_scan(v, s, g, hv, hv0, hvt, seg, seg_g, i_f - NDK, i_m, i_nh, i_h, i_s, bos, T, NT, boh, NS, L, H,
+                   V, M, K, K + V, BT, BDV, BM, True, USE_H0, STORE_HT, SPLIT, REDUCE, DT, PREC)
+
+
 # A scan program walks its chunks one after another, so a launch with few programs is bound by the
 # latency of each step. With 64 x 64 state tiles, fixed-length inputs that give fewer than
 # SEGMENT_BELOW programs split each sequence into segments of at least MIN_SEGMENT_CHUNKS chunks (two
@@ -246,6 +331,15 @@ MAX_SEGMENTS = 16
 # 0.51 (4, 2). GSA, 256 programs: fwd 0.32 (4, 3), 0.30 (8, 3) at 8 x 2048 and 0.69, 0.60 at 1 x 16384;
 # its bwd is best at (4, 3) of the 6 settings tried.
 MANY_SCAN_PROGRAMS = 512
+
+
+# GSA's paired forward scans (chunk_fwd_h_slots_kernel), GPU ms of the launch per forward on an H100 by
+# (warps, stages): 8 x 2048 (512 programs) 0.134 (4, 2), 0.116 (8, 3), 0.114 (4, 3), 0.104 (4, 1); 4 x 4096
+# (256) 0.132 (4, 2), 0.116 (8, 3), 0.114 (4, 3), 0.129 (4, 1); 1 x 16384 (8 segments of 64 programs, both
+# launches alike) 0.196 (4, 2), 0.176 (8, 3), 0.170 (4, 3), 0.162 (4, 1).
+def slot_scan_launch(programs: int) -> dict:
+    """``num_warps`` and ``num_stages`` of a ``chunk_fwd_h_slots_kernel`` launch of ``programs`` programs."""
+    return dict(num_warps=4, num_stages=1 if programs >= MANY_SCAN_PROGRAMS else 3)
 
 
 def scan_launch(programs: int, forward: bool) -> dict:
@@ -278,15 +372,7 @@ def scan_plan(K: int, V: int, NH: int, NT: int | None, decayed: bool = False) ->
         return cdiv(K, BK) * cdiv(V, BV) * NH
 
     if decayed:
-        NS = 1
-        if NT is not None:
-            while programs() * NS * 2 <= DECAYED_SCAN_PROGRAMS and NS * 2 <= min(NT // MIN_SEGMENT_CHUNKS,
-                                                                                   MAX_SEGMENTS):
-                NS *= 2
-        if NS < 4:
-            return BK, BV, 1, 1 << 30
-        L = cdiv(NT, NS)
-        return BK, BV, cdiv(NT, L), L
+        return (BK, BV, *_decayed_segments(programs(), NT))
     if NT is not None and programs() < SEGMENT_BELOW:
         NS = min(cdiv(MIN_SCAN_PROGRAMS, programs()), NT // MIN_SEGMENT_CHUNKS, MAX_SEGMENTS)
         if NS > 1:
@@ -298,6 +384,18 @@ def scan_plan(K: int, V: int, NH: int, NT: int | None, decayed: bool = False) ->
         else:
             BV //= 2
     return BK, BV, 1, 1 << 30
+
+
+def _decayed_segments(programs: int, NT: int | None) -> tuple[int, int]:
+    """``(NS, L)`` of a decayed scan of ``programs`` programs per segment (see DECAYED_SCAN_PROGRAMS)."""
+    NS = 1
+    if NT is not None:
+        while programs * NS * 2 <= DECAYED_SCAN_PROGRAMS and NS * 2 <= min(NT // MIN_SEGMENT_CHUNKS, MAX_SEGMENTS):
+            NS *= 2
+    if NS < 4:
+        return 1, 1 << 30
+    L = cdiv(NT, NS)
+    return cdiv(NT, L), L
 
 
 def _scan_setup(x, cu_seqlens, chunk_size):
@@ -322,10 +420,15 @@ def _segment_buffers(x, NH, NS, K, V, gk, gv):
 
 def _launch_scan(kernel, NK, NV, NH, NS, args, meta):
     """The REDUCE launch over segments 0 .. NS-2 (fwd) / 1 .. NS-1 (bwd) if there are several, then the scan."""
-    forward = kernel is chunk_fwd_h_kernel
     if NS > 1:
-        kernel[(NK, NV, NH * (NS - 1))](*args, REDUCE=True, **meta, **scan_launch(NK * NV * NH * (NS - 1), forward))
-    kernel[(NK, NV, NH * NS)](*args, REDUCE=False, **meta, **scan_launch(NK * NV * NH * NS, forward))
+        kernel[(NK, NV, NH * (NS - 1))](*args, REDUCE=True, **meta, **_settings(kernel, NK * NV * NH * (NS - 1)))
+    kernel[(NK, NV, NH * NS)](*args, REDUCE=False, **meta, **_settings(kernel, NK * NV * NH * NS))
+
+
+def _settings(kernel, programs):
+    if kernel is chunk_fwd_h_slots_kernel:
+        return slot_scan_launch(programs)
+    return scan_launch(programs, kernel is chunk_fwd_h_kernel)
 
 
 def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chunk_size, compute_dtype,
@@ -352,6 +455,36 @@ def chunk_fwd_h(k, v, gk, gv, initial_state, output_final_state, cu_seqlens, chu
     args = (k, v, gk, gv, h, initial_state, ht, seg, seg_gk, seg_gv, cu_seqlens, offsets, T, NS, L)
     _launch_scan(chunk_fwd_h_kernel, NK, NV, N * H, NS, args, meta)
     return h, ht
+
+
+def chunk_fwd_h_slots(k, v, s, g, hk0, hv0, output_final_state, cu_seqlens, chunk_size, compute_dtype):
+    """Both forward state scans of Gated Slot Attention in one launch (``chunk_fwd_h_slots_kernel``):
+
+        hk[n+1] = hk[n] Diag(e^{G_L}) + k^T sd        hv[n+1] = Diag(e^{G_L}) hv[n] + sd^T v
+
+    for ``k [B, T, H, K]``, ``v [B, T, H, V]``, the slot writes decayed to their chunk's end ``sd [B, T,
+    H, M]`` (``cumsum_fwd(g, decay=s)``) and the in-chunk cumsums of the slot gates ``g [B, T, H, M]``
+    (only the chunks' last rows are read). Returns the states entering every chunk, ``hk [NT_total, H, K,
+    M]`` and ``hv [NT_total, H, M, V]`` in ``compute_dtype``, and the final states (fp32) if asked."""
+    B, T, H, K = k.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, NT, offsets, NT_seq = _scan_setup(k, cu_seqlens, chunk_size)
+    hk = k.new_empty(NT, H, K, M, dtype=compute_dtype)
+    hv = k.new_empty(NT, H, M, V, dtype=compute_dtype)
+    hkt = k.new_empty(N, H, K, M, dtype=torch.float32) if output_final_state else None
+    hvt = k.new_empty(N, H, M, V, dtype=torch.float32) if output_final_state else None
+    BDK, BDV, BM = min(64, next_pow2(K)), min(64, next_pow2(V)), min(64, next_pow2(M))
+    NDK, NM = cdiv(K, BDK), cdiv(M, BM)
+    ND = NDK + cdiv(V, BDV)
+    NS, L = _decayed_segments(ND * NM * N * H, NT_seq)
+    seg = k.new_empty(N * H, NS, K + V, M, dtype=torch.float32) if NS > 1 else None
+    seg_g = k.new_empty(N * H, NS, M, dtype=torch.float32) if NS > 1 else None
+    meta = dict(H=H, K=K, V=V, M=M, BT=chunk_size, BDK=BDK, BDV=BDV, BM=BM, NDK=NDK,
+                USE_H0=hk0 is not None, STORE_HT=output_final_state, SPLIT=NS > 1,
+                IS_VARLEN=cu_seqlens is not None, DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype))
+    args = (k, v, s, g, hk, hv, hk0, hv0, hkt, hvt, seg, seg_g, cu_seqlens, offsets, T, NS, L)
+    _launch_scan(chunk_fwd_h_slots_kernel, ND, NM, N * H, NS, args, meta)
+    return hk, hv, hkt, hvt
 
 
 def chunk_bwd_dh(q, do, gk, gv, dht, scale, cu_seqlens, chunk_size, H, need_dh0, compute_dtype,

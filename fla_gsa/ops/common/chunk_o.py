@@ -66,11 +66,12 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 @lean
 @triton.jit
 def chunk_apply_lower_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, sp, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, sp, yd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, SOFTMAX: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -138,6 +139,9 @@ def chunk_apply_lower_kernel(
         b_sp = load_tile(sp, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
         b_y = b_sp * (b_y - tl.sum(b_sp * b_y, axis=1)[:, None])
     store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    if STORE_DECAYED:  # also Y ⊙ e^{Gy}: the gated input of a decayed backward scan (chunk_bwd_dh)
+        b_e = tl.exp(load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32))
+        store_tile(yd, b_y.to(y.dtype.element_ty).to(tl.float32) * b_e, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
 
 
 @lean
@@ -231,7 +235,7 @@ def chunk_apply_upper_kernel(
 
 
 def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
-           compute_dtype, no_diag, softmax=None, acc=None):
+           compute_dtype, no_diag, softmax=None, acc=None, decayed_dtype=None):
     B, T, _, DP = p.shape
     DY = x.shape[-1]
     HQ = A.shape[2]
@@ -244,6 +248,7 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
+    yd = p.new_empty(B, T, heads, DY, dtype=decayed_dtype) if decayed_dtype is not None else None
     # a fused softmax needs whole rows in one program
     BP, BY = min(64, next_pow2(DP)), (next_pow2(DY) if softmax is not None else min(64, next_pow2(DY)))
     grid = (cdiv(DY, BY), NT * (BT // BC), B * heads)
@@ -251,8 +256,9 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         extra = dict(USE_ACC=acc is not None)
         pointers = (y_st, acc)
     else:
-        extra = dict(SOFTMAX=0 if softmax is None else 1 if softmax is True else 2)
-        pointers = (softmax if isinstance(softmax, torch.Tensor) else None,)
+        extra = dict(SOFTMAX=0 if softmax is None else 1 if softmax is True else 2,
+                     STORE_DECAYED=yd is not None)
+        pointers = (softmax if isinstance(softmax, torch.Tensor) else None, yd)
     kernel[grid](
         p, gp, m, x, gy, A, y, y_nd, *pointers, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
@@ -260,21 +266,26 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
         num_warps=4, **extra,
     )
-    if not no_diag:
-        return y
-    return (y, y_nd, y_st) if upper else (y, y_nd)
+    out = (y, y_nd, y_st) if upper else (y, y_nd)
+    out = out if no_diag else out[:1]
+    out = out + (yd,) if yd is not None else out
+    return out if len(out) > 1 else y
 
 
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False, softmax=None):
+                      transpose_m=False, no_diag=False, softmax=None, decayed_dtype=None):
     """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
     ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
     ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32). ``softmax``: True stores
     ``softmax(y)`` over the last dimension; a tensor ``sp`` (a softmax's output, ``y``'s shape) stores
     ``sp ⊙ (y - sum(sp ⊙ y))``, the gradient through that softmax when ``y`` is the gradient of ``sp``
-    (``y_nd`` stays as it was)."""
+    (``y_nd`` stays as it was). ``decayed_dtype`` (with ``gy``): also return ``y ⊙ e^{gy}`` of the stored
+    ``y``, in that dtype, last: the gated input of a decayed backward scan (``chunk_bwd_dh(decayed=True)``)."""
+    if decayed_dtype is not None and gy is None:
+        raise ValueError("chunk_apply_lower: decayed_dtype needs gy")
     return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
-                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, softmax=softmax)
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, softmax=softmax,
+                  decayed_dtype=decayed_dtype)
 
 
 def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,

@@ -7,14 +7,17 @@
 Both passes are the generic chunked algorithm (``fla_gsa.ops.common.chunk``). On the kernel path one
 autograd function runs them and fuses their joints: pass K's output kernel stores the softmax of each
 row (``M <= FUSED_SOFTMAX_MAX_SLOTS``), pass V's ``dq`` kernel stores the gradient through it, and pass
-K's backward adds pass V's gradients of ``s`` and ``g`` into its own kernels' stores: four launches fewer
-than two separate ops and a softmax. CPU tensors and float64 compose the PyTorch ops instead.
+K's backward adds pass V's gradient of ``s`` into its own kernel's store and sums both passes' gradients
+of ``g`` in one launch. With decayed scans (below) both passes' state scans also run as one launch
+(``chunk_fwd_h_slots``), and the kernels that make ``p`` and ``dok`` also store them times ``e^G``, the
+backward scans' inputs. CPU tensors and float64 compose the PyTorch ops instead.
 """
 from __future__ import annotations
 
 import torch
 
 from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
+from fla_gsa.ops.common.chunk_h import chunk_fwd_h_slots
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
@@ -25,7 +28,7 @@ from fla_gsa.ops.utils.cumsum import cumsum_fwd
 FUSED_SOFTMAX_MAX_SLOTS = 256
 # The state scans read their gated inputs already decayed, in the compute dtype: s * e^{G_L - G} for
 # both passes' forward scans (made by the cumsum launch, one tensor for both), p * e^G and dok * e^G for
-# the backward ones (one small launch each). Each of the 8-16 programs that share a chunk's slot columns
+# the backward ones (stored beside p and dok by the kernels that make them). Each of the 8-16 programs that share a chunk's slot columns
 # then reads a half-precision tile instead of that tile and its fp32 gates, and takes no exponentials.
 # The products are the same: the kernels round the decayed tiles to the compute dtype either way. With
 # the scan plan and accumulation that suit such scans (chunk_h), one forward+backward on an H100 (bf16,
@@ -44,42 +47,52 @@ class ChunkGSAFunction(torch.autograd.Function):
         need_dg = ctx.needs_input_grad[4]
         cdt = compute_dtype(k, s, q)
         decayed = DECAYED_SCANS and compute_dtype(s, v) == cdt  # one decayed s serves both passes
+        states_k = states_v = pd = None
         if decayed:  # both passes gate with G: taken once, with s decayed to its chunk's end
             G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens, decay=s, decay_dtype=cdt)
+            # both passes' state scans in one launch
+            hk, hv, hkt, hvt = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, output_final_state, cu_seqlens, chunk_size,
+                                                 cdt)
+            states_k, states_v = (hk, hkt), (hv, hvt)
         else:
             G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens), None
-        # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32
-        _, _, hk, Ak, p, ok_nd, hkt = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
-                                                chunk_size, torch.float32, need_dg, G, softmax=fuse,
-                                                decayed_input=sd)
+        # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32, and
+        # (decayed) p * e^G for pass V's backward scan
+        _, _, hk, Ak, p, ok_nd, hkt, pd = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
+                                                    chunk_size, torch.float32, need_dg, G, softmax=fuse,
+                                                    decayed_input=sd, states=states_k, decay_out=decayed and fuse)
         if not fuse:
             p = p.softmax(dim=-1)
         # pass V, the gate on the key side
-        _, _, hv, Av, o, _, hvt = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
-                                            chunk_size, v.dtype, False, G, decayed_input=sd)
+        _, _, hv, Av, o, _, hvt, _ = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
+                                               chunk_size, v.dtype, False, G, decayed_input=sd, states=states_v)
         keep = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
-                              cu_seqlens, None if keep else sd)
-        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed)
+                              cu_seqlens, None if keep else sd, pd)
+        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed, cdt)
         return o, hkt, hvt
 
     @staticmethod
     def backward(ctx, do, dhkt, dhvt):
-        q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd = ctx.saved_tensors
-        scale, chunk_size, fuse, need_dg, g_dtype, decayed = ctx.meta
+        q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = ctx.saved_tensors
+        scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = ctx.meta
         do = do.contiguous()
-        # pass V: gradients of p (through the softmax when fused), s (as keys), v, g (key side)
-        dok, ds, dv, dg, _, dhv0 = chunk_bwd(
+        if decayed and hk is None:  # recompute both passes' states, in one launch
+            hk, hv, _, _ = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, False, cu_seqlens, chunk_size, cdt)
+        # pass V: gradients of p (through the softmax when fused), s (as keys), v; decayed with a fused
+        # softmax also dok * e^G for pass K's backward scan; the terms of g's gradient (key side), which
+        # pass K's gate-gradient launch sums with its own
+        dok, ds, dv, dg, _, dhv0, dokd = chunk_bwd(
             p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
             cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
-            decayed_input=sd, decay_dh=decayed)
+            decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True)
         if not fuse:
             dok = p * (dok - (p * dok).sum(-1, keepdim=True))
         # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
-        dq, dk, ds, _, dg, dhk0 = chunk_bwd(
+        dq, dk, ds, _, dg, dhk0, _ = chunk_bwd(
             q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
             cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
-            decayed_input=sd, decay_dh=decayed)
+            decayed_input=sd, decay_dh=decayed, dh_input=dokd)
         dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
         dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
         return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None

@@ -198,3 +198,32 @@ def test_lower_decayed_output(softmax, strong):
     with pytest.raises(ValueError, match="decayed_dtype needs gy"):
         chunk_o.chunk_apply_lower(inp["p"], inp["gp"], inp["m"], inp["x"], None, inp["A"], 0.7, cu, 16,
                                   torch.float32, torch.float32, decayed_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("gated", [False, "weak", "strong"])
+@pytest.mark.parametrize("softmax", [None, True])
+def test_lower_makes_its_scores(gated, softmax):
+    # scores_from: the lower kernel makes the ungated scores scale * p k^T itself (GQA, varlen, rows past
+    # the end), writes them where chunk_scores would, and uses them: same y, same A
+    from fla_gsa.ops.common.chunk_scores import chunk_scores, scores_buffer
+
+    cu = torch.tensor([0, 15, 79, 80, 130], dtype=torch.int32, device=DEVICE)
+    BT, scale = 32, 0.7
+    inp = make_inputs(False, 1, 130, 2, 2, 72, 12, BT, gated == "strong", cu, use_gp=False)
+    gy = inp["gy"] if gated else None
+    k = torch.randn(1, 130, 2, 72, device=DEVICE)
+    A_ref = chunk_scores(inp["p"], k, None, scale, cu, BT, torch.float32)
+    args = (inp["p"], None, inp["m"], inp["x"], gy)
+    y_ref = chunk_o.chunk_apply_lower(*args, A_ref, scale, cu, BT, torch.float32, torch.float32, no_diag=True,
+                                      softmax=softmax)
+    A = scores_buffer(inp["p"], BT)
+    y = chunk_o.chunk_apply_lower(*args, A, scale, cu, BT, torch.float32, torch.float32, no_diag=True,
+                                  softmax=softmax, scores_from=k)
+    assert_rel("A", A, A_ref, TOL)
+    for name, a, r in zip(("y", "y_nd"), y, y_ref):
+        assert_rel(name, a, r, TOL)
+    assert chunk_o.lower_fuses_scores(64) and not chunk_o.lower_fuses_scores(65)
+    assert chunk_o.lower_fuses_scores(256, softmax=True)
+    with pytest.raises(ValueError, match="scores_from needs gp None"):
+        chunk_o.chunk_apply_lower(inp["p"], inp["p"][:, :, ::2], inp["m"], inp["x"], gy, A, scale, cu, BT,
+                                  torch.float32, torch.float32, scores_from=k)

@@ -37,8 +37,8 @@ import torch
 
 from fla_gsa.ops.common.chunk_dg import GateGradTerms, chunk_gate_grad
 from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
-from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper
-from fla_gsa.ops.common.chunk_scores import chunk_scores
+from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper, lower_fuses_scores
+from fla_gsa.ops.common.chunk_scores import chunk_scores, scores_buffer
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd, decay_fwd
@@ -83,9 +83,12 @@ def chunk_fwd(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seql
         states = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, output_final_state,
                              cu_seqlens, chunk_size, cdt, cdt, decayed=decayed_input is not None)
     h, ht = states
-    A = chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
+    softmax = True if softmax else None
+    # ungated scores (no key-side gate) come from the output kernel itself where it can make them
+    fuse = Gk is None and lower_fuses_scores(v.shape[-1], softmax)
+    A = scores_buffer(q, chunk_size) if fuse else chunk_scores(q, k, Gk, scale, cu_seqlens, chunk_size, cdt)
     o = chunk_apply_lower(q, Gk, h, v, Gv, A, scale, cu_seqlens, chunk_size, output_dtype, cdt, no_diag=need_dgv,
-                          softmax=True if softmax else None, decayed_dtype=cdt if decay_out else None)
+                          softmax=softmax, decayed_dtype=cdt if decay_out else None, scores_from=k if fuse else None)
     o, o_nd, od = _unpack(o, need_dgv, decay_out)
     return Gk, Gv, h, A, o, o_nd, ht, od
 
@@ -125,11 +128,14 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
         q_in, do_in = (dh_input, do) if Gk is not None else (q, dh_input)
     dh, dh0, hdk, hdv = chunk_bwd_dh(q_in, do_in, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
                                      initial_state is not None, cdt, cdt, h, need_dgk, need_dgv, decayed=decay_dh)
-    dA = chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
+    # the score gradients: made by the dq kernel where it can (ungated, see chunk_fwd), else here
+    fuse = Gv is None and lower_fuses_scores(k.shape[-1], softmax_q)
+    dA = scores_buffer(do, chunk_size) if fuse else chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
     dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
                            acc=dv_acc)
     dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk, softmax=softmax_q, decayed_dtype=cdt if decay_dq else None)
+                           no_diag=need_dgk, softmax=softmax_q, decayed_dtype=cdt if decay_dq else None,
+                           scores_from=v if fuse else None)
     dq, dq_nd, dqd = _unpack(dq, need_dgk, decay_dq)
     dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk)

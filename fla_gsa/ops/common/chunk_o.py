@@ -66,12 +66,12 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 @lean
 @triton.jit
 def chunk_apply_lower_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, sp, yd, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, ka, y, y_nd, sp, yd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, SOFTMAX: tl.constexpr,
-    STORE_DECAYED: tl.constexpr,
+    STORE_DECAYED: tl.constexpr, FUSE_A: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -95,6 +95,19 @@ def chunk_apply_lower_kernel(
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
     b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, False, 0, DT, PREC)
+    if FUSE_A:
+        # the ungated scores of these rows, A = scale * P ka^T (j <= i), made here and stored for later
+        # launches instead of by chunk_scores (the launch has one block of Y columns: no repeated work)
+        m_jt = (o_j < T) & (o_j < r + BC)  # the columns j <= i of these rows: fewer loads for early blocks
+        b_A = tl.zeros([BC, BT], dtype=tl.float32)
+        for i_p in range(0, tl.cdiv(DP, BP)):
+            o_p = i_p * BP + tl.arange(0, BP)
+            m_p = o_p < DP
+            b_p = load_tile(p, bos, o_i, m_i, i_hq, HQ, DP, o_p, m_p)
+            b_k = load_tile(ka, bos, o_j, m_jt, i_h, H, DP, o_p, m_p)
+            b_A += tl.dot(b_p.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+        b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
+        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
     if USE_GY:
         b_gy = load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r
@@ -104,7 +117,10 @@ def chunk_apply_lower_kernel(
         fast = tl.max(tl.where(m_i[:, None] & m_y[None, :], b_gr[None, :] - b_gy, 0)) <= DIAG_MAX
         m_off = (o_j < r + BC * fast.to(tl.int32)) & (o_j < T)  # r may lie past the end of the sequence
         m_a = m_i[:, None] & m_off[None, :] & (o_j[None, :] < o_i[:, None])
-        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)
+        if FUSE_A:
+            b_a = tl.where(m_a, b_A, 0)
+        else:
+            b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_a, other=0)
         b_x = load_tile(x, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BT, BY]
         b_gx = load_tile(gy, bos, o_j, m_off, i_h, H, DY, o_y, m_y).to(tl.float32)
         b_x = b_x * tl.where(m_off[:, None], tl.exp(b_gr[None, :] - b_gx), 0)
@@ -115,18 +131,27 @@ def chunk_apply_lower_kernel(
             for jj in range(0, BC):
                 j = r + jj
                 jc = tl.minimum(j, T - 1)  # rows past the end are masked below (i >= j, i < T)
-                b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
+                if FUSE_A:
+                    b_aj = tl.sum(tl.where(o_j[None, :] == j, b_A, 0), axis=1)
+                else:
+                    b_aj = tl.load(p_row + (j - t0), mask=m_i, other=0)  # [BC]
                 b_xj = load_row(x, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
                 b_gj = load_row(gy, bos, jc, i_h, H, DY, o_y, m_y).to(tl.float32)
                 m_e = m_i[:, None] & (o_i[:, None] > j)
                 b_y += b_aj[:, None] * b_xj[None, :] * tl.exp(tl.where(m_e, b_gy - b_gj[None, :], float("-inf")))
     else:
         m_j = (o_j < T)[None, :] & (o_j[None, :] < o_i[:, None])
-        b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_j, other=0)  # [BC, BT]
+        if FUSE_A:
+            b_a = tl.where(m_i[:, None] & m_j, b_A, 0)
+        else:
+            b_a = tl.load(p_row[:, None] + (o_j - t0)[None, :], mask=m_i[:, None] & m_j, other=0)  # [BC, BT]
         b_x = load_tile(x, bos, o_j, o_j < T, i_h, H, DY, o_y, m_y)
         b_y += tl.dot(b_a.to(DT), b_x.to(DT), input_precision=PREC)
     # The diagonal (j == i, gate ratio 1) separately: the gate gradients need Y without it (see chunk.py).
-    b_aii = tl.load(p_row + (o_i - t0), mask=m_i, other=0)  # [BC]
+    if FUSE_A:
+        b_aii = tl.sum(tl.where(o_j[None, :] == o_i[:, None], b_A, 0), axis=1)
+    else:
+        b_aii = tl.load(p_row + (o_i - t0), mask=m_i, other=0)  # [BC]
     b_xi = load_tile(x, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)
     if STORE_ND:
         store_tile(y_nd, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
@@ -235,7 +260,7 @@ def chunk_apply_upper_kernel(
 
 
 def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
-           compute_dtype, no_diag, softmax=None, acc=None, decayed_dtype=None):
+           compute_dtype, no_diag, softmax=None, acc=None, decayed_dtype=None, scores_from=None):
     B, T, _, DP = p.shape
     DY = x.shape[-1]
     HQ = A.shape[2]
@@ -249,18 +274,17 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     yd = p.new_empty(B, T, heads, DY, dtype=decayed_dtype) if decayed_dtype is not None else None
-    # a fused softmax needs whole rows in one program
-    BP, BY = min(64, next_pow2(DP)), (next_pow2(DY) if softmax is not None else min(64, next_pow2(DY)))
+    BP, BY = min(64, next_pow2(DP)), _block_y(DY, softmax)
     grid = (cdiv(DY, BY), NT * (BT // BC), B * heads)
     if upper:
         extra = dict(USE_ACC=acc is not None)
-        pointers = (y_st, acc)
+        pointers = (y, y_nd, y_st, acc)
     else:
         extra = dict(SOFTMAX=0 if softmax is None else 1 if softmax is True else 2,
-                     STORE_DECAYED=yd is not None)
-        pointers = (softmax if isinstance(softmax, torch.Tensor) else None, yd)
+                     STORE_DECAYED=yd is not None, FUSE_A=scores_from is not None)
+        pointers = (scores_from, y, y_nd, softmax if isinstance(softmax, torch.Tensor) else None, yd)
     kernel[grid](
-        p, gp, m, x, gy, A, y, y_nd, *pointers, cu_seqlens, indices, scale, T,
+        p, gp, m, x, gy, A, *pointers, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
@@ -272,20 +296,36 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     return out if len(out) > 1 else y
 
 
+def _block_y(DY, softmax):
+    """Columns of ``y`` per program (a fused softmax needs whole rows)."""
+    return next_pow2(DY) if softmax is not None else min(64, next_pow2(DY))
+
+
+def lower_fuses_scores(DY, softmax=None) -> bool:
+    """Whether a lower launch can make its own ungated scores (``scores_from``): one block of ``y``
+    columns per row block, so no program repeats another's scores."""
+    return cdiv(DY, _block_y(DY, softmax)) == 1
+
+
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False, softmax=None, decayed_dtype=None):
+                      transpose_m=False, no_diag=False, softmax=None, decayed_dtype=None, scores_from=None):
     """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
     ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
     ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32). ``softmax``: True stores
     ``softmax(y)`` over the last dimension; a tensor ``sp`` (a softmax's output, ``y``'s shape) stores
     ``sp ⊙ (y - sum(sp ⊙ y))``, the gradient through that softmax when ``y`` is the gradient of ``sp``
     (``y_nd`` stays as it was). ``decayed_dtype`` (with ``gy``): also return ``y ⊙ e^{gy}`` of the stored
-    ``y``, in that dtype, last: the gated input of a decayed backward scan (``chunk_bwd_dh(decayed=True)``)."""
+    ``y``, in that dtype, last: the gated input of a decayed backward scan (``chunk_bwd_dh(decayed=True)``).
+    ``scores_from`` (``[B, T, H, DP]``, with ``gp`` None and :func:`lower_fuses_scores`): the kernel makes
+    the ungated scores ``A = scale * p scores_from^T`` itself (``chunk_scores``' values) and writes them
+    into ``A``, an empty ``[B, T, HQ, BT]`` fp32 buffer, for later launches."""
     if decayed_dtype is not None and gy is None:
         raise ValueError("chunk_apply_lower: decayed_dtype needs gy")
+    if scores_from is not None and (gp is not None or not lower_fuses_scores(x.shape[-1], softmax)):
+        raise ValueError("chunk_apply_lower: scores_from needs gp None and one block of y columns")
     return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
                   cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, softmax=softmax,
-                  decayed_dtype=decayed_dtype)
+                  decayed_dtype=decayed_dtype, scores_from=scores_from)
 
 
 def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,

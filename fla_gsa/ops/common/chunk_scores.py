@@ -109,6 +109,11 @@ def chunk_scores_kernel(
         tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
 
 
+def scores_buffer(q, chunk_size):
+    """An empty ``A [B, T, HQ, BT]`` (fp32) for a kernel that makes the scores of ``q`` itself."""
+    return q.new_empty(*q.shape[:3], chunk_size, dtype=torch.float32)
+
+
 def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
     """``A [B, T, HQ, BT]`` fp32 for ``q [B, T, HQ, D]``, ``k [B, T, H, D]`` and in-chunk gate cumsums
     ``g [B, T, H, D]`` (or None)."""
@@ -117,7 +122,7 @@ def chunk_scores(q, k, g, scale, cu_seqlens, chunk_size, compute_dtype):
     BT = chunk_size
     BC = min(GATED_BLOCK, BT) if g is not None else BT
     NT, indices = chunk_grid(cu_seqlens, T, BT)
-    A = q.new_empty(B, T, HQ, BT, dtype=torch.float32)
+    A = scores_buffer(q, BT)
     BD = min(64, next_pow2(D))
     grid = (NT * (BT // BC), B * HQ)
     chunk_scores_kernel[grid](

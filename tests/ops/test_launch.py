@@ -61,8 +61,9 @@ def test_reuse_and_argument_order(lean_kernel):
     assert log[0][1:] == ((3,), (x, y, 100, 0.5), {"BLOCK": 32, "FLAG": True, "num_warps": 4})
     grid_and_handles, args = log[1][1][:9], log[1][1][9:]
     assert grid_and_handles[:6] == (5, 2, 1, 1234, "function-handle", "packed")
-    # runtime arguments as given, then the constexprs in signature order, the default filled in
-    assert args[:4] == (x, y, 100, 0.25) and args[4:] == (32, True, 7)
+    # runtime arguments as given (tensors as their device pointers), then the constexprs in signature
+    # order, the default filled in
+    assert args[:4] == (x.data_ptr(), y.data_ptr(), 100, 0.25) and args[4:] == (32, True, 7)
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_div16", "int_range", "none", "constexpr",

@@ -11,7 +11,9 @@ under a key of the same facts, computed in a few tuple operations, and calls its
 A key not seen before goes through Triton's own path, which compiles (or finds) the kernel. The key is
 never coarser than Triton's specialization, so a cached kernel is only reused where Triton itself would
 reuse it. Runtime arguments go positionally; keywords are the kernel's constexprs and launch options
-(``num_warps``...). Under the interpreter (``TRITON_INTERPRET=1``) the kernel is returned unwrapped.
+(``num_warps``...). Tensors reach the launcher as device pointers: the ops check their inputs' device
+before any launch, so the launcher's own check of each pointer is not repeated. Under the interpreter
+(``TRITON_INTERPRET=1``) the kernel is returned unwrapped.
 """
 from __future__ import annotations
 
@@ -57,12 +59,24 @@ class LeanKernel:
         return f"LeanKernel({self.fn})"
 
     def launch(self, grid, args, meta):
-        key = (_device(), *map(arg_key, args), *meta.items())
+        # one pass over the runtime arguments: their key, and each tensor as its device pointer, which
+        # Triton's launcher takes as it is (given the tensor it calls data_ptr() and asks the driver
+        # about the pointer, for every tensor of every launch)
+        key, full = [_device()], []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                ptr = a.data_ptr()
+                key.append((a.dtype, ptr % 16 == 0))
+                full.append(ptr)
+            else:
+                key.append(arg_key(a))
+                full.append(a)
+        key = (*key, *meta.items())
         entry = self.cache.get(key)
         if entry is None:
             return self.first_launch(key, grid, args, meta)
         compiled, tail = entry
-        full = args + tail
+        full = (*full, *tail)
         stream = _stream(key[0])
         n = len(grid)
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,

@@ -86,6 +86,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
             cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
             decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True)
+        del hv  # a recomputed one is freed before pass K's backward
         if not fuse:
             dok = p * (dok - (p * dok).sum(-1, keepdim=True))
         # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)

@@ -47,6 +47,26 @@ def _store_segment(b, b_tk, b_tv, seg, seg_gk, seg_gv, p_seg, i_k, i_v, o_k, o_v
         tl.store(seg_gv + p_seg * V + o_v, b_tv, mask=m_v & (o_v * 0 + i_k == 0))
 
 
+@triton.jit
+def _scan_program(i_nhs, NS, T, cu_seqlens, chunk_offsets, H: tl.constexpr, BT: tl.constexpr,
+                  REDUCE: tl.constexpr, FIRST_REDUCED: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A scan program's (sequence-head, segment) from its index along the launch's last axis, and its
+    sequence: ``(i_nh, i_s, i_h, bos, T, NT, boh)``, ``boh`` the row of its first chunk in the
+    per-chunk tensors. A REDUCE launch covers segments ``FIRST_REDUCED .. FIRST_REDUCED + NS - 2``."""
+    if REDUCE:
+        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1) + FIRST_REDUCED
+    else:
+        i_nh, i_s = i_nhs // NS, i_nhs % NS
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
+    NT = tl.cdiv(T, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boh = (i_n * NT).to(tl.int64)
+    return i_nh, i_s, i_h, bos, T, NT, boh
+
+
 @lean
 @triton.jit
 def chunk_fwd_h_kernel(
@@ -62,17 +82,8 @@ def chunk_fwd_h_kernel(
     # it (from the REDUCE launch's results), then store the state entering each chunk. One segment
     # (NS = 1, L >= NT): a plain sequential scan.
     i_k, i_v, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if REDUCE:
-        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1)
-    else:
-        i_nh, i_s = i_nhs // NS, i_nhs % NS
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    NT = tl.cdiv(T, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        boh = (i_n * NT).to(tl.int64)
+    i_nh, i_s, i_h, bos, T, NT, boh = _scan_program(i_nhs, NS, T, cu_seqlens, chunk_offsets, H, BT, REDUCE,
+                                                    0, IS_VARLEN)
 
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -146,17 +157,8 @@ def chunk_bwd_dh_kernel(
     # log-gates. Otherwise: enter from the end with what the later segments send, then store each
     # chunk's dh.
     i_k, i_v, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if REDUCE:
-        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1) + 1
-    else:
-        i_nh, i_s = i_nhs // NS, i_nhs % NS
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    NT = tl.cdiv(T, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        boh = (i_n * NT).to(tl.int64)
+    i_nh, i_s, i_h, bos, T, NT, boh = _scan_program(i_nhs, NS, T, cu_seqlens, chunk_offsets, H, BT, REDUCE,
+                                                    1, IS_VARLEN)
     HQ: tl.constexpr = H * G
 
     o_k = i_k * BK + tl.arange(0, BK)
@@ -291,17 +293,8 @@ def chunk_fwd_h_slots_kernel(
     # v^T s. Both read the same decayed slot writes s and slot-gate rows, so the programs of one chunk
     # (adjacent along axis 0) share those tiles in L2. Segments as in chunk_fwd_h_kernel.
     i_f, i_m, i_nhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if REDUCE:
-        i_nh, i_s = i_nhs // (NS - 1), i_nhs % (NS - 1)
-    else:
-        i_nh, i_s = i_nhs // NS, i_nhs % NS
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, T = seq_bounds(i_n, T, cu_seqlens, IS_VARLEN)
-    NT = tl.cdiv(T, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        boh = (i_n * NT).to(tl.int64)
+    i_nh, i_s, i_h, bos, T, NT, boh = _scan_program(i_nhs, NS, T, cu_seqlens, chunk_offsets, H, BT, REDUCE,
+                                                    0, IS_VARLEN)
     if i_f < NDK:
         _slot_scan(k, s, g, hk, hk0, hkt, seg, seg_g, i_f, i_m, i_nh, i_h, i_s, bos, T, NT, boh, NS, L, H, K, M,
                    0, K + V, BT, BDK, BM, False, USE_H0, STORE_HT, SPLIT, REDUCE, DT, PREC)

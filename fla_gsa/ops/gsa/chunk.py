@@ -27,9 +27,10 @@ from fla_gsa.ops.utils.cumsum import cumsum_fwd
 # slots up to which one program holds a whole row of slot logits (the fused softmax); more: PyTorch's softmax
 FUSED_SOFTMAX_MAX_SLOTS = 256
 # The state scans read their gated inputs already decayed, in the compute dtype: s * e^{G_L - G} for
-# both passes' forward scans (made by the cumsum launch, one tensor for both), p * e^G and dok * e^G for
-# the backward ones (stored beside p and dok by the kernels that make them). Each of the 8-16 programs that share a chunk's slot columns
-# then reads a half-precision tile instead of that tile and its fp32 gates, and takes no exponentials.
+# both passes' forward scans (made by the cumsum launch, one tensor for both), p * e^G and dok * e^G
+# for the backward ones (stored beside p and dok by the kernels that make them). Each of the 8-16
+# programs that share a chunk's slot columns then reads a half-precision tile instead of that tile and
+# its fp32 gates, and takes no exponentials.
 # The products are the same: the kernels round the decayed tiles to the compute dtype either way. With
 # the scan plan and accumulation that suit such scans (chunk_h), one forward+backward on an H100 (bf16,
 # H = 4, K = V = 512, M = 64) took 1.60 / 1.75 / 1.81 ms of GPU time at 8 x 2048 / 4 x 4096 / 1 x 16384,

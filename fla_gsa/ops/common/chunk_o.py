@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla_gsa.ops.common.chunk_scores import ungated_scores
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.launch import lean
@@ -99,15 +100,8 @@ def chunk_apply_lower_kernel(
         # the ungated scores of these rows, A = scale * P ka^T (j <= i), made here and stored for later
         # launches instead of by chunk_scores (the launch has one block of Y columns: no repeated work)
         m_jt = (o_j < T) & (o_j < r + BC)  # the columns j <= i of these rows: fewer loads for early blocks
-        b_A = tl.zeros([BC, BT], dtype=tl.float32)
-        for i_p in range(0, tl.cdiv(DP, BP)):
-            o_p = i_p * BP + tl.arange(0, BP)
-            m_p = o_p < DP
-            b_p = load_tile(p, bos, o_i, m_i, i_hq, HQ, DP, o_p, m_p)
-            b_k = load_tile(ka, bos, o_j, m_jt, i_h, H, DP, o_p, m_p)
-            b_A += tl.dot(b_p.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
-        b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
-        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
+        b_A = ungated_scores(p, ka, scale, p_row, t0, bos, o_i, m_i, i_hq, HQ, o_j, m_jt, i_h, H, DP, BC, BT, BP,
+                             DT, PREC)
     if USE_GY:
         b_gy = load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r

@@ -29,6 +29,25 @@ from fla_gsa.ops.utils.triton_utils import chunk_bounds, load_row, load_tile, ne
 # rows per program when the summed side is gated (the diagonal block: one product, or row by row)
 GATED_BLOCK = 16
 
+@triton.jit
+def ungated_scores(q, k, scale, p_row, t0, bos, o_i, m_i, i_hq, HQ: tl.constexpr, o_j, m_j, i_h, H: tl.constexpr,
+                   D: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Rows ``o_i`` of the ungated scores ``A = scale * q k^T`` over the chunk's columns ``o_j`` (reading
+    the rows of ``k`` in ``m_j``; zero for ``j > i``), stored from ``p_row`` (the rows' starts in ``A``)
+    and returned, ``[BC, BT]``."""
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d)
+        b_k = load_tile(k, bos, o_j, m_j, i_h, H, D, o_d, m_d)
+        b_A += tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+    b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
+    tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
+    return b_A
+
+
 @lean
 @triton.jit
 def chunk_scores_kernel(
@@ -98,15 +117,8 @@ def chunk_scores_kernel(
             tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A * scale, mask=m_i[:, None] & m_rest[None, :])
             tl.store(p_row[:, None] + (r - t0 + o_c)[None, :], b_Ad * scale, mask=m_i[:, None])
     else:
-        m_j = o_j < T
-        for i_d in range(0, tl.cdiv(D, BD)):
-            o_d = i_d * BD + tl.arange(0, BD)
-            m_d = o_d < D
-            b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d)
-            b_k = load_tile(k, bos, o_j, m_j, i_h, H, D, o_d, m_d)
-            b_A += tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
-        b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
-        tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
+        ungated_scores(q, k, scale, p_row, t0, bos, o_i, m_i, i_hq, HQ, o_j, o_j < T, i_h, H, D, BC, BT, BD, DT,
+                       PREC)
 
 
 def scores_buffer(q, chunk_size):

@@ -170,7 +170,7 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
             G, xd = cumsum_fwd(gk if gk is not None else gv, chunk_size, cu_seqlens=cu_seqlens,
                                decay=k if gk is not None else v, decay_dtype=compute_dtype(k, v, q))
         Gk, Gv, h, A, o, o_nd, ht, _ = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                              chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
+                                                 chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
         keep_h = checkpoint_level == 0
         ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens,
                               None if keep_h else xd)

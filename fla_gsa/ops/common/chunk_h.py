@@ -12,6 +12,9 @@ Backward (reverse), ``dh[n]`` is the gradient of the state at the *end* of chunk
 
 Every exponent is ``<= 0`` (cumsums of log-gates decrease), so nothing can overflow however strong the
 gates are.
+
+Gated Slot Attention's two forward scans, ``k^T s`` and ``s^T v`` against the same decayed slot writes
+``s``, also run as one launch (:func:`chunk_fwd_h_slots`).
 """
 from __future__ import annotations
 

@@ -255,9 +255,8 @@ def _slot_scan(x, s, g, h, h0, ht, seg, seg_g, i_f, i_m, i_nh, i_h, i_s, bos, T,
             b_h += tl.load(h0 + i_nh.to(tl.int64) * D * M + o_h, mask=m_fm, other=0).to(tl.float32)
         if SPLIT:
             for i_p in range(0, i_s):  # the segments before this one: h <- decay * h + their end state
-                p_seg = i_nh.to(tl.int64) * NS + i_p
-                b_h = b_h * tl.exp(tl.load(seg_g + p_seg * M + o_m, mask=m_m, other=0))[None, :]
-                b_h += tl.load(seg + p_seg * DKV * M + o_seg, mask=m_fm, other=0)
+                b_h = _carry(b_h, seg, None, seg_g, i_nh.to(tl.int64) * NS + i_p, ROW0 + o_f, o_m, m_f, m_m, m_fm,
+                             o_seg, DKV, M, False, True)
 
     for i_t in range(i_s * L, tl.minimum(i_s * L + L, NT)):
         if not REDUCE:
@@ -273,10 +272,9 @@ def _slot_scan(x, s, g, h, h0, ht, seg, seg_g, i_f, i_m, i_nh, i_h, i_s, bos, T,
         b_h = tl.fma(tl.dot(tl.trans(b_x.to(DT)), b_s.to(DT), input_precision=PREC), 1.0, b_h)
 
     if REDUCE:
-        p_seg = i_nh.to(tl.int64) * NS + i_s
-        tl.store(seg + p_seg * DKV * M + o_seg, b_h, mask=m_fm)
-        if ROW0 == 0:  # the segment's total log-gates, once (the first feature block of the first pass)
-            tl.store(seg_g + p_seg * M + o_m, b_t, mask=m_m & (o_m * 0 + i_f == 0))
+        # the segment's total log-gates are stored once, by the first feature block of the first pass
+        _store_segment(b_h, b_t, b_t, seg, None, seg_g, i_nh.to(tl.int64) * NS + i_s, ROW0 + i_f, 0, ROW0 + o_f,
+                       o_m, m_f, m_m, m_fm, o_seg, DKV, M, False, True)
     elif STORE_HT:
         if i_s == NS - 1:
             tl.store(ht + i_nh.to(tl.int64) * D * M + o_h, b_h.to(ht.dtype.element_ty), mask=m_fm)

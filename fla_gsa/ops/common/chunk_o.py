@@ -158,9 +158,9 @@ def chunk_apply_lower_kernel(
         b_sp = load_tile(sp, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
         b_y = b_sp * (b_y - tl.sum(b_sp * b_y, axis=1)[:, None])
     store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
-    if STORE_DECAYED:  # also Y ⊙ e^{Gy}: the gated input of a decayed backward scan (chunk_bwd_dh)
-        b_e = tl.exp(load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32))
-        store_tile(yd, b_y.to(y.dtype.element_ty).to(tl.float32) * b_e, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    if STORE_DECAYED:  # also Y ⊙ e^{Gy} (USE_GY): the gated input of a decayed backward scan (chunk_bwd_dh)
+        store_tile(yd, b_y.to(y.dtype.element_ty).to(tl.float32) * tl.exp(b_gy), bos, o_i, m_i, i_hq, HQ, DY, o_y,
+                   m_y)
 
 
 @lean

@@ -64,7 +64,7 @@ class LeanKernel:
         # about the pointer, for every tensor of every launch)
         key, full = [_device()], []
         for a in args:
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.Tensor):  # arg_key's tensor case, with one data_ptr() call for both
                 ptr = a.data_ptr()
                 key.append((a.dtype, ptr % 16 == 0))
                 full.append(ptr)

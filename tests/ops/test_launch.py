@@ -19,7 +19,7 @@ class FakeCompiled:
         self.log = log
 
     def launch_metadata(self, grid, stream, *args):
-        return None
+        return ("metadata", grid, stream)
 
     def run(self, *a):
         self.log.append(("run", a))
@@ -60,10 +60,30 @@ def test_reuse_and_argument_order(lean_kernel):
     assert kinds(log) == ["triton", "run"]
     assert log[0][1:] == ((3,), (x, y, 100, 0.5), {"BLOCK": 32, "FLAG": True, "num_warps": 4})
     grid_and_handles, args = log[1][1][:9], log[1][1][9:]
-    assert grid_and_handles[:6] == (5, 2, 1, 1234, "function-handle", "packed")
+    # no launch hook set: no metadata and no hooks for the launcher to call
+    assert grid_and_handles == (5, 2, 1, 1234, "function-handle", "packed", None, None, None)
     # runtime arguments as given (tensors as their device pointers), then the constexprs in signature
     # order, the default filled in
     assert args[:4] == (x.data_ptr(), y.data_ptr(), 100, 0.25) and args[4:] == (32, True, 7)
+
+
+def test_launch_hooks_are_passed_on_when_set(lean_kernel):
+    from triton import knobs
+
+    x = torch.zeros(64)
+    lean_kernel[(1,)](x, x, 100, 0.5, BLOCK=32, FLAG=True)  # compiles
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton's launch hooks are plain functions")
+    hook = lambda metadata: None  # noqa: E731
+    chain.add(hook)
+    try:
+        lean_kernel[(2,)](x, x, 100, 0.5, BLOCK=32, FLAG=True)
+    finally:
+        chain.remove(hook)
+    handles = lean_kernel.fn.log[-1][1][:9]
+    assert handles[6] == ("metadata", (2,), 1234) and handles[7] is chain
+    assert handles[8] is knobs.runtime.launch_exit_hook
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_div16", "int_range", "none", "constexpr",

@@ -42,6 +42,7 @@ from fla_gsa.ops.common.chunk_scores import chunk_scores, scores_buffer
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd, decay_fwd
+from fla_gsa.ops.utils.precompile import precompile
 
 # With one gate, the state scans of the Triton path take the gated input already decayed (made by the
 # gate's cumsum launch forward, by one small launch backward), as GSA's do (fla_gsa.ops.gsa.chunk). GLA
@@ -254,8 +255,10 @@ def chunk_linear_attn_unchecked(q, k, v, gk, gv, scale, initial_state, output_fi
     check_checkpoint_level(checkpoint_level)
     output_dtype = output_dtype or v.dtype
     if use_kernels(q, k, v):
-        return ChunkLinearAttnFunction.apply(q, k, v, gk, gv, scale, initial_state, output_final_state,
-                                             cu_seqlens, chunk_size, output_dtype, checkpoint_level)
+        args = (q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size, output_dtype,
+                checkpoint_level)
+        precompile(ChunkLinearAttnFunction, *args)  # a new combination of shapes: kernels compile side by side
+        return ChunkLinearAttnFunction.apply(*args)
     from fla_gsa.ops.common.chunk_torch import chunk_linear_attn_torch
 
     return chunk_linear_attn_torch(q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens,

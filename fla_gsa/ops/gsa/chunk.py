@@ -22,6 +22,7 @@ from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
+from fla_gsa.ops.utils.precompile import precompile
 
 
 # slots up to which one program holds a whole row of slot logits (the fused softmax); more: PyTorch's softmax
@@ -173,8 +174,9 @@ def chunk_gsa(
     check_chunk_size(chunk_size)
     check_checkpoint_level(checkpoint_level)
     if use_kernels(q, k, v, s, g):
-        o, hk, hv = ChunkGSAFunction.apply(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
-                                           chunk_size, checkpoint_level)
+        args = (q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level)
+        precompile(ChunkGSAFunction, *args)  # a new combination of shapes: its kernels compile side by side
+        o, hk, hv = ChunkGSAFunction.apply(*args)
         return o, ((hk, hv) if output_final_state else None)
     # the slot logits stay in fp32 for the softmax (float64 inputs: a float64 reference run)
     logit_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -12,12 +12,19 @@ A key not seen before goes through Triton's own path, which compiles (or finds) 
 never coarser than Triton's specialization, so a cached kernel is only reused where Triton itself would
 reuse it. Runtime arguments go positionally; keywords are the kernel's constexprs and launch options
 (``num_warps``...). Tensors reach the launcher as device pointers: the ops check their inputs' device
-before any launch, so the launcher's own check of each pointer is not repeated. Under the interpreter
+before any launch, so the launcher's own check of each pointer is not repeated. Launch hooks (a
+profiler's) are passed on only where one is set (:func:`launch_hooks`). Under the interpreter
 (``TRITON_INTERPRET=1``) the kernel is returned unwrapped.
+
+:func:`compile_only` turns launches into compilations handed to a pool of threads; see
+:mod:`fla_gsa.ops.utils.precompile`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from triton import knobs
@@ -59,6 +66,8 @@ class LeanKernel:
         return f"LeanKernel({self.fn})"
 
     def launch(self, grid, args, meta):
+        if getattr(_mode, "compile_only", False):
+            return self.submit_compile(grid, args, meta)
         # one pass over the runtime arguments: their key, and each tensor as its device pointer, which
         # Triton's launcher takes as it is (given the tensor it calls data_ptr() and asks the driver
         # about the pointer, for every tensor of every launch)
@@ -79,10 +88,18 @@ class LeanKernel:
         full = (*full, *tail)
         stream = _stream(key[0])
         n = len(grid)
+        enter, leave = launch_hooks()
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
-                     compiled.packed_metadata, compiled.launch_metadata(grid, stream, *full),
-                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+                     compiled.packed_metadata,
+                     None if enter is None and leave is None else compiled.launch_metadata(grid, stream, *full),
+                     enter, leave, *full)
         return compiled
+
+    def submit_compile(self, grid, args, meta):
+        """Under :func:`compile_only`: hand a compilation this launch would need to Triton's pool, and
+        launch nothing. A specialization compiled already needs nothing."""
+        if (_device(), *map(arg_key, args), *meta.items()) not in self.cache:
+            self.fn.warmup(*args, grid=grid, **meta)
 
     def first_launch(self, key, grid, args, meta):
         tail_names = self.names[len(args):]
@@ -109,6 +126,49 @@ except AttributeError:  # pragma: no cover - a build of torch without CUDA
 
     def _stream(device):
         return torch.cuda.current_stream(device).cuda_stream
+
+
+def _no_hook(hook) -> bool:
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def launch_hooks():
+    """Triton's launch enter / exit hooks, or ``(None, None)`` where neither has a function to call.
+    Since Triton 3.5 the hooks are chains of functions, never None: given the empty chains, Triton's
+    launcher builds each launch's metadata and calls both chains from C, for nothing."""
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return (None, None) if _no_hook(enter) and _no_hook(leave) else (enter, leave)
+
+
+# per thread: whether lean launches only submit compilations (compile_only)
+_mode = threading.local()
+
+
+def async_compile_mode():
+    """Triton's ``AsyncCompileMode`` class, or None where this Triton has none (before 3.4) or one is
+    active already in this thread."""
+    try:
+        from triton.runtime import _async_compile
+    except ImportError:  # pragma: no cover - an older Triton
+        return None
+    return None if _async_compile.active_mode.get() is not None else _async_compile.AsyncCompileMode
+
+
+@contextlib.contextmanager
+def compile_only(workers: int):
+    """Inside, lean launches of this thread launch nothing: a specialization not compiled yet is handed
+    to Triton's ``AsyncCompileMode`` with a pool of ``workers`` threads; leaving waits for every
+    compilation. Triton's compiler spends most of its time outside the Python interpreter's lock
+    (MLIR and LLVM passes, ``ptxas`` in a subprocess), so the kernels compile side by side."""
+    mode = async_compile_mode()
+    if mode is None:
+        raise RuntimeError("compile_only needs Triton's AsyncCompileMode (Triton >= 3.4), not active already")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fla_gsa-compile") as pool, mode(pool):
+        _mode.compile_only = True
+        try:
+            yield
+        finally:
+            _mode.compile_only = False
 
 
 def lean(fn):

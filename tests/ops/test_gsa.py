@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_rel, log_gates
+from conftest import DEVICE, INTERPRET, assert_rel, log_gates
 
 from fla_gsa.ops import chunk_abc, chunk_gsa, fused_recurrent_abc, fused_recurrent_gsa, naive_recurrent_gsa
 
@@ -96,6 +96,27 @@ def test_varlen(mode, abc):
     cu = torch.tensor([0, 1, 23, 40], dtype=torch.int32, device=DEVICE)
     check(OPS[mode], make_inputs(1, 40, 2, 1, 16, 12, 10, N=3, abc=abc), cu_seqlens=cu,
           **({"chunk_size": 16} if mode == "chunk" else {}))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tau, varlen", [(0.1, False), (8.0, False), (1.0, True)])
+def test_wide_programs(tau, varlen, monkeypatch):
+    """Whole chunks with every column block per program (chunk_o's wide launches: pass V forward, both dk
+    kernels and pass K's dq, where M <= 64 < K, V), forced at small sizes: GQA for the upper kernel's
+    per-head scores, V past two column blocks and K past one, T not a multiple of the chunk."""
+    from fla_gsa.ops.common import chunk_o
+    from fla_gsa.ops.utils import precompile
+
+    monkeypatch.setattr(chunk_o, "WIDE_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(precompile, "PARALLEL_COMPILE", False)  # its dry run would count the launches twice
+    taken = []
+    wide = chunk_o._wide
+    monkeypatch.setattr(chunk_o, "_wide", lambda *a: taken.append(wide(*a)) or taken[-1])
+    cu = torch.tensor([0, 19, 70, 93], dtype=torch.int32, device=DEVICE) if varlen else None
+    B, N = (1, 3) if varlen else (2, 2)
+    check(chunk_gsa, make_inputs(B, 93, 4, 2, 80, 144, 24, tau=tau, N=N), cu_seqlens=cu, chunk_size=32)
+    if DEVICE.type == "cuda" or INTERPRET:
+        assert taken.count(True) == 4, taken
 
 
 @pytest.mark.parametrize("checkpoint_level", [0, 1])

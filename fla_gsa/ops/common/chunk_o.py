@@ -25,7 +25,8 @@ block-to-block part is factored through a reference row between the two blocks (
 the diagonal block joins that product when ``Gy`` decays by at most ``DIAG_MAX`` across the block (its
 factors are then bounded; see ``backend.DIAG_DOT_MAX_DECAY``), and otherwise (strong gates) forms
 ``e^{Gy_i - Gy_j}`` exactly, one row or column at a time (a runtime loop: unrolled, it compiled ~4 s slower
-and ran 10% slower for GLA on an H100), masked in the exponent. Without ``Gy`` a chunk is one product.
+and ran 10% slower for GLA on an H100), masked in the exponent. Without ``Gy`` a chunk is one product, and
+a program may take every block of ``Y`` columns of its chunk (``WIDE_MIN_PROGRAMS``).
 """
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, chunk_bounds, loa
 
 # rows per program when the summed side is gated (the diagonal block: one product, or row by row)
 GATED_BLOCK = 16
+# Ungated rows with a narrow P (DP <= 64) and several blocks of Y columns (GSA's pass V forward, both dk
+# kernels, pass K's dq: DY = 512) take a whole chunk and every column block per program ("wide") where
+# that leaves at least this many programs: the gated P, the scores and their diagonal are then read once
+# per chunk instead of once per column block. GSA forward+backward on an H100 (bf16, H = 4, K = V = 512,
+# M = 64), GPU ms at 8 x 2048 / 4 x 4096 / 1 x 16384: 1.547 / 1.617 / 1.738 without, 1.431 / 1.503 / 1.628
+# with (4 warps; 8 were 0.01 ms slower). Taking a whole chunk of *gated* rows per program too (its blocks
+# of GATED_BLOCK rows in turn, masked over the chunk's tiles) was slower: GSA 1.474 / 1.543 / 1.674 (8
+# warps; 4: 1.516 / 1.578 / 1.713), GLA +0.17 ms.
+WIDE_MIN_PROGRAMS = 512
 
 @triton.jit
 def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
@@ -64,6 +74,91 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
     return b_y
 
 
+@triton.jit
+def _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr,
+                BP: tl.constexpr, USE_GP: tl.constexpr, FROM_END: tl.constexpr, last, DT: tl.constexpr):
+    """``P_r ⊙ gate`` (as ``_state_product`` takes it) for ``DP <= BP``: the whole ``[BC, BP]`` tile, in ``DT``."""
+    o_p = tl.arange(0, BP)
+    m_p = o_p < DP
+    b_p = load_tile(p, bos, o_r, m_r, i_hp, NHP, DP, o_p, m_p).to(tl.float32)
+    if USE_GP:
+        b_g = load_tile(gp, bos, o_r, m_r, i_h, H, DP, o_p, m_p).to(tl.float32)
+        if FROM_END:
+            b_g = load_row(gp, bos, last, i_h, H, DP, o_p, m_p).to(tl.float32)[None, :] - b_g
+        b_p = b_p * tl.where(m_r[:, None], tl.exp(b_g), 0)
+    return b_p.to(DT)
+
+
+@triton.jit
+def _lower_wide(p, gp, hm, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ: tl.constexpr, i_h, H: tl.constexpr, scale,
+                DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr, BT: tl.constexpr,
+                BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr, STORE_ND: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """The lower kernel on a whole chunk of ungated rows (``BC == BT``, ``DP <= BP``) and every block of
+    ``Y`` columns: the gated ``P``, the scores and their diagonal are loaded once for all blocks."""
+    o_p = tl.arange(0, BP)
+    m_p = o_p < DP
+    b_p = _gated_rows(p, gp, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, BP, USE_GP, False, 0, DT)
+    p_row = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT
+    b_a = tl.load(p_row[:, None] + (o_i - t0)[None, :], mask=m_i[:, None] & (o_i[None, :] < o_i[:, None]), other=0)
+    b_a = b_a.to(DT)
+    b_aii = tl.load(p_row + (o_i - t0), mask=m_i, other=0)
+    for i_y in range(0, tl.cdiv(DY, BY)):
+        o_y = i_y * BY + tl.arange(0, BY)
+        m_y = o_y < DY
+        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+        b_x = load_tile(x, bos, o_i, m_i, i_h, H, DY, o_y, m_y)
+        b_y = scale * tl.dot(b_p, b_m.to(DT), input_precision=PREC)
+        b_y += tl.dot(b_a, b_x.to(DT), input_precision=PREC)
+        if STORE_ND:
+            store_tile(y_nd, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+        b_y += b_aii[:, None] * b_x.to(tl.float32)
+        store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+
+
+@triton.jit
+def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_h, H: tl.constexpr,
+                G: tl.constexpr, scale, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
+                BT: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr, STORE_ND: tl.constexpr,
+                USE_ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """The upper kernel on a whole chunk of ungated rows (``BC == BT``, ``DP <= BP``) and every block of
+    ``Y`` columns: the gated ``P`` (and, without GQA, the scores) are loaded once for all blocks."""
+    HQ: tl.constexpr = H * G
+    o_p = tl.arange(0, BP)
+    m_p = o_p < DP
+    b_p = _gated_rows(p, gp, bos, o_j, m_j, i_h, H, i_h, H, DP, BP, USE_GP, True, last, DT)
+    m_a = m_j[:, None] & m_j[None, :] & (o_j[:, None] > o_j[None, :])  # [rows i, rows j]: i > j
+    if G == 1:  # one query head: its scores serve every column block
+        p_col = A + ((bos + o_j) * H + i_h).to(tl.int64) * BT
+        b_a1 = tl.trans(tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_a, other=0).to(DT))
+        b_ajj1 = tl.load(p_col + (o_j - t0), mask=m_j, other=0)
+    for i_y in range(0, tl.cdiv(DY, BY)):
+        o_y = i_y * BY + tl.arange(0, BY)
+        m_y = o_y < DY
+        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+        b_s = scale * tl.dot(b_p, b_m.to(DT), input_precision=PREC)
+        b_y = tl.zeros([BT, BY], dtype=tl.float32)
+        b_diag = tl.zeros([BT, BY], dtype=tl.float32)
+        for i_g in range(0, G):
+            i_hq = i_h * G + i_g
+            b_x = load_tile(x, bos, o_j, m_j, i_hq, HQ, DY, o_y, m_y)
+            if G == 1:
+                b_a, b_ajj = b_a1, b_ajj1
+            else:
+                p_col = A + ((bos + o_j) * HQ + i_hq).to(tl.int64) * BT
+                b_a = tl.trans(tl.load(p_col[:, None] + (o_j - t0)[None, :], mask=m_a, other=0).to(DT))
+                b_ajj = tl.load(p_col + (o_j - t0), mask=m_j, other=0)
+            b_y += tl.dot(b_a, b_x.to(DT), input_precision=PREC)
+            b_diag += b_ajj[:, None] * b_x.to(tl.float32)
+        if STORE_ND:
+            store_tile(y_nd, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+            store_tile(y_st, b_s, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+        b_y += b_s + b_diag
+        if USE_ACC:
+            b_y += load_tile(acc, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)
+        store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+
+
 @lean
 @triton.jit
 def chunk_apply_lower_kernel(
@@ -72,7 +167,7 @@ def chunk_apply_lower_kernel(
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, SOFTMAX: tl.constexpr,
-    STORE_DECAYED: tl.constexpr, FUSE_A: tl.constexpr,
+    STORE_DECAYED: tl.constexpr, FUSE_A: tl.constexpr, WIDE: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -94,6 +189,10 @@ def chunk_apply_lower_kernel(
     p_row = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT  # [BC]
 
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
+    if WIDE:
+        _lower_wide(p, gp, p_m, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ, i_h, H, scale, DP, DY, S_P, S_Y, BT, BP,
+                    BY, USE_GP, STORE_ND, DT, PREC)
+        return
     b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, False, 0, DT, PREC)
     if FUSE_A:
@@ -170,7 +269,7 @@ def chunk_apply_upper_kernel(
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, USE_ACC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, USE_ACC: tl.constexpr, WIDE: tl.constexpr,
 ):
     i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -191,6 +290,10 @@ def chunk_apply_upper_kernel(
     o_i = t0 + tl.arange(0, BT)
 
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
+    if WIDE:
+        _upper_wide(p, gp, p_m, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_h, H, G, scale, DP, DY, S_P, S_Y,
+                    BT, BP, BY, USE_GP, STORE_ND, USE_ACC, DT, PREC)
+        return
     b_s = scale * _state_product(p, gp, p_m, bos, o_j, m_j, i_h, H, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, True, last, DT, PREC)
     b_y = tl.zeros([BC, BY], dtype=tl.float32)
@@ -269,7 +372,9 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     yd = p.new_empty(B, T, heads, DY, dtype=decayed_dtype) if decayed_dtype is not None else None
     BP, BY = min(64, next_pow2(DP)), _block_y(DY, softmax)
-    grid = (cdiv(DY, BY), NT * (BT // BC), B * heads)
+    wide = _wide(DP, BP, DY, BY, NT * B * heads, gy is None and softmax is None and decayed_dtype is None
+                 and scores_from is None)
+    grid = (1 if wide else cdiv(DY, BY), NT * (BT // BC), B * heads)
     if upper:
         extra = dict(USE_ACC=acc is not None)
         pointers = (y, y_nd, y_st, acc)
@@ -282,12 +387,19 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
-        num_warps=4, **extra,
+        WIDE=wide, num_warps=4, **extra,
     )
     out = (y, y_nd, y_st) if upper else (y, y_nd)
     out = out if no_diag else out[:1]
     out = out + (yd,) if yd is not None else out
     return out if len(out) > 1 else y
+
+
+def _wide(DP, BP, DY, BY, programs, plain) -> bool:
+    """Whether a launch takes whole chunks and every column block per program (see WIDE_MIN_PROGRAMS):
+    ``plain`` rows (ungated ``y``, no softmax, decayed copy or fused scores), one block of ``P`` columns,
+    several of ``Y``."""
+    return plain and DP <= BP and DY > BY and programs >= WIDE_MIN_PROGRAMS
 
 
 def _block_y(DY, softmax):

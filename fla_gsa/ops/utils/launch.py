@@ -134,7 +134,7 @@ def _no_hook(hook) -> bool:
 
 def launch_hooks():
     """Triton's launch enter / exit hooks, or ``(None, None)`` where neither has a function to call.
-    Since Triton 3.5 the hooks are chains of functions, never None: given the empty chains, Triton's
+    In Triton 3.6 the hooks are chains of functions, never None: given the empty chains, Triton's
     launcher builds each launch's metadata and calls both chains from C, for nothing."""
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return (None, None) if _no_hook(enter) and _no_hook(leave) else (enter, leave)

@@ -58,39 +58,38 @@ GATED_BLOCK = 32
 WIDE_MIN_PROGRAMS = 512
 
 @triton.jit
-def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
-                   o_y, m_y, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr,
-                   FROM_END: tl.constexpr, last, DT: tl.constexpr, PREC: tl.constexpr):
-    """``(P_r ⊙ gate) @ M`` for rows ``o_r``: gate ``e^{Gp_r}`` (lower) or ``e^{Gp_L - Gp_r}`` (upper)."""
-    b_y = tl.zeros([BC, BY], dtype=tl.float32)
-    for i_p in range(0, tl.cdiv(DP, BP)):
-        o_p = i_p * BP + tl.arange(0, BP)
-        m_p = o_p < DP
-        b_p = load_tile(p, bos, o_r, m_r, i_hp, NHP, DP, o_p, m_p).to(tl.float32)  # [BC, BP]
-        if USE_GP:
-            b_g = load_tile(gp, bos, o_r, m_r, i_h, H, DP, o_p, m_p).to(tl.float32)
-            if FROM_END:
-                b_gl = load_row(gp, bos, last, i_h, H, DP, o_p, m_p).to(tl.float32)
-                b_g = b_gl[None, :] - b_g
-            b_p = b_p * tl.where(m_r[:, None], tl.exp(b_g), 0)
-        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
-        b_y += tl.dot(b_p.to(DT), b_m.to(DT), input_precision=PREC)
-    return b_y
-
-
-@triton.jit
-def _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr,
-                BP: tl.constexpr, USE_GP: tl.constexpr, FROM_END: tl.constexpr, last, DT: tl.constexpr):
-    """``P_r ⊙ gate`` (as ``_state_product`` takes it) for ``DP <= BP``: the whole ``[BC, BP]`` tile, in ``DT``."""
-    o_p = tl.arange(0, BP)
-    m_p = o_p < DP
+def _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, o_p, m_p,
+                USE_GP: tl.constexpr, FROM_END: tl.constexpr, last):
+    """``P_r ⊙ gate`` for rows ``o_r`` and columns ``o_p`` (fp32): gate ``e^{Gp_r}`` (lower) or
+    ``e^{Gp_L - Gp_r}`` (upper, ``FROM_END``)."""
     b_p = load_tile(p, bos, o_r, m_r, i_hp, NHP, DP, o_p, m_p).to(tl.float32)
     if USE_GP:
         b_g = load_tile(gp, bos, o_r, m_r, i_h, H, DP, o_p, m_p).to(tl.float32)
         if FROM_END:
             b_g = load_row(gp, bos, last, i_h, H, DP, o_p, m_p).to(tl.float32)[None, :] - b_g
         b_p = b_p * tl.where(m_r[:, None], tl.exp(b_g), 0)
-    return b_p.to(DT)
+    return b_p
+
+
+@triton.jit
+def _state_tile(hm, o_p, m_p, o_y, m_y, S_P: tl.constexpr, S_Y: tl.constexpr):
+    """Rows ``o_p`` and columns ``o_y`` of a chunk's state ``M``, read through its strides."""
+    return tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+
+
+@triton.jit
+def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
+                   o_y, m_y, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr,
+                   FROM_END: tl.constexpr, last, DT: tl.constexpr, PREC: tl.constexpr):
+    """``(P_r ⊙ gate) @ M`` for rows ``o_r`` (see ``_gated_rows``)."""
+    b_y = tl.zeros([BC, BY], dtype=tl.float32)
+    for i_p in range(0, tl.cdiv(DP, BP)):
+        o_p = i_p * BP + tl.arange(0, BP)
+        m_p = o_p < DP
+        b_p = _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP, i_h, H, DP, o_p, m_p, USE_GP, FROM_END, last)  # [BC, BP]
+        b_m = _state_tile(hm, o_p, m_p, o_y, m_y, S_P, S_Y)
+        b_y += tl.dot(b_p.to(DT), b_m.to(DT), input_precision=PREC)
+    return b_y
 
 
 @triton.jit
@@ -102,7 +101,7 @@ def _lower_wide(p, gp, hm, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ: tl.conste
     ``Y`` columns: the gated ``P``, the scores and their diagonal are loaded once for all blocks."""
     o_p = tl.arange(0, BP)
     m_p = o_p < DP
-    b_p = _gated_rows(p, gp, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, BP, USE_GP, False, 0, DT)
+    b_p = _gated_rows(p, gp, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, o_p, m_p, USE_GP, False, 0).to(DT)
     p_row = A + ((bos + o_i) * HQ + i_hq).to(tl.int64) * BT
     b_a = tl.load(p_row[:, None] + (o_i - t0)[None, :], mask=m_i[:, None] & (o_i[None, :] < o_i[:, None]), other=0)
     b_a = b_a.to(DT)
@@ -110,7 +109,7 @@ def _lower_wide(p, gp, hm, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ: tl.conste
     for i_y in range(0, tl.cdiv(DY, BY)):
         o_y = i_y * BY + tl.arange(0, BY)
         m_y = o_y < DY
-        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+        b_m = _state_tile(hm, o_p, m_p, o_y, m_y, S_P, S_Y)
         b_x = load_tile(x, bos, o_i, m_i, i_h, H, DY, o_y, m_y)
         b_y = scale * tl.dot(b_p, b_m.to(DT), input_precision=PREC)
         b_y += tl.dot(b_a, b_x.to(DT), input_precision=PREC)
@@ -130,7 +129,7 @@ def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_
     HQ: tl.constexpr = H * G
     o_p = tl.arange(0, BP)
     m_p = o_p < DP
-    b_p = _gated_rows(p, gp, bos, o_j, m_j, i_h, H, i_h, H, DP, BP, USE_GP, True, last, DT)
+    b_p = _gated_rows(p, gp, bos, o_j, m_j, i_h, H, i_h, H, DP, o_p, m_p, USE_GP, True, last).to(DT)
     m_a = m_j[:, None] & m_j[None, :] & (o_j[:, None] > o_j[None, :])  # [rows i, rows j]: i > j
     if G == 1:  # one query head: its scores serve every column block
         p_col = A + ((bos + o_j) * H + i_h).to(tl.int64) * BT
@@ -139,7 +138,7 @@ def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_
     for i_y in range(0, tl.cdiv(DY, BY)):
         o_y = i_y * BY + tl.arange(0, BY)
         m_y = o_y < DY
-        b_m = tl.load(hm + o_p[:, None] * S_P + o_y[None, :] * S_Y, mask=m_p[:, None] & m_y[None, :], other=0)
+        b_m = _state_tile(hm, o_p, m_p, o_y, m_y, S_P, S_Y)
         b_s = scale * tl.dot(b_p, b_m.to(DT), input_precision=PREC)
         b_y = tl.zeros([BT, BY], dtype=tl.float32)
         b_diag = tl.zeros([BT, BY], dtype=tl.float32)

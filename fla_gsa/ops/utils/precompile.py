@@ -22,7 +22,7 @@ from fla_gsa.ops.utils import launch
 from fla_gsa.ops.utils.backend import triton_interpret
 
 PARALLEL_COMPILE = os.environ.get("FLA_GSA_PARALLEL_COMPILE", "1") != "0"
-# calls told apart (see _call_key); past this many the set starts again
+# combinations seen (the keys precompile builds from _arg_key); past this many the set starts again
 _MAX_SEEN = 1024
 _seen: set = set()
 

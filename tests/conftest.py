@@ -45,3 +45,14 @@ def _fresh_seed(request):
     # while a failure stays reproducible.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_replays():
+    # Replayed calls (fla_gsa.ops.utils.replay) repeat what was recorded under the tuning constants of
+    # the time: tests that patch a constant record their own, and leave none behind.
+    from fla_gsa.ops.utils import replay
+
+    replay.clear()
+    yield
+    replay.clear()

@@ -39,6 +39,7 @@ from fla_gsa.ops.common.chunk_dg import GateGradTerms, chunk_gate_grad
 from fla_gsa.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from fla_gsa.ops.common.chunk_o import chunk_apply_lower, chunk_apply_upper, lower_fuses_scores
 from fla_gsa.ops.common.chunk_scores import chunk_scores, scores_buffer
+from fla_gsa.ops.utils import replay
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_linear_attn
 from fla_gsa.ops.utils.cumsum import cumsum_fwd, decay_fwd
@@ -155,40 +156,49 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
 
 
 class ChunkLinearAttnFunction(torch.autograd.Function):
+    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
     @staticmethod
-    def forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                output_dtype, checkpoint_level):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gk = gk.contiguous() if gk is not None else None
-        gv = gv.contiguous() if gv is not None else None
-        h0 = initial_state.contiguous() if initial_state is not None else None
-        need_dgk = gk is not None and ctx.needs_input_grad[3]
-        need_dgv = gv is not None and ctx.needs_input_grad[4]
-        # one gate: its cumsum launch also decays the gated input for the state scans (DECAYED_SCANS)
-        decayed = DECAYED_SCANS and (gk is None) != (gv is None)
-        G = xd = None
-        if decayed:
-            G, xd = cumsum_fwd(gk if gk is not None else gv, chunk_size, cu_seqlens=cu_seqlens,
-                               decay=k if gk is not None else v, decay_dtype=compute_dtype(k, v, q))
-        Gk, Gv, h, A, o, o_nd, ht, _ = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
-                                                 chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
-        keep_h = checkpoint_level == 0
-        ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens,
-                              None if keep_h else xd)
-        ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
-                    [t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)], decayed)
-        return o, ht
+    def forward(ctx, *args):
+        return replay.run(_forward, ctx, args)
 
     @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, Gk, Gv, h, A, o_nd, h0, cu_seqlens, xd = ctx.saved_tensors
-        scale, chunk_size, need_dgk, need_dgv, dtypes, decayed = ctx.meta
-        dq, dk, dv, dgk, dgv, dh0, _ = chunk_bwd(
-            q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
-            scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5], decayed_input=xd,
-            decay_dh=decayed)
-        dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
-        return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
+    def backward(ctx, *grads):
+        return replay.run(_backward, ctx, grads, backward=True)
+
+
+def _forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+             output_dtype, checkpoint_level):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    gk = gk.contiguous() if gk is not None else None
+    gv = gv.contiguous() if gv is not None else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    need_dgk = gk is not None and ctx.needs_input_grad[3]
+    need_dgv = gv is not None and ctx.needs_input_grad[4]
+    # one gate: its cumsum launch also decays the gated input for the state scans (DECAYED_SCANS)
+    decayed = DECAYED_SCANS and (gk is None) != (gv is None)
+    G = xd = None
+    if decayed:
+        G, xd = cumsum_fwd(gk if gk is not None else gv, chunk_size, cu_seqlens=cu_seqlens,
+                           decay=k if gk is not None else v, decay_dtype=compute_dtype(k, v, q))
+    Gk, Gv, h, A, o, o_nd, ht, _ = chunk_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens,
+                                             chunk_size, output_dtype, need_dgv, G, decayed_input=xd)
+    keep_h = checkpoint_level == 0
+    ctx.save_for_backward(q, k, v, Gk, Gv, h if keep_h else None, A, o_nd, h0, cu_seqlens,
+                          None if keep_h else xd)
+    ctx.meta = (scale, chunk_size, need_dgk, need_dgv,
+                tuple(t.dtype if t is not None else None for t in (q, k, v, gk, gv, initial_state)), decayed)
+    return o, ht
+
+
+def _backward(ctx, do, dht):
+    q, k, v, Gk, Gv, h, A, o_nd, h0, cu_seqlens, xd = ctx.saved_tensors
+    scale, chunk_size, need_dgk, need_dgv, dtypes, decayed = ctx.meta
+    dq, dk, dv, dgk, dgv, dh0, _ = chunk_bwd(
+        q, k, v, Gk, Gv, h, A, o_nd, do.contiguous(), dht.contiguous() if dht is not None else None,
+        scale, h0, cu_seqlens, chunk_size, need_dgk, need_dgv, dtypes[3:5], decayed_input=xd,
+        decay_dh=decayed)
+    dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
+    return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
 
 
 def chunk_linear_attn(

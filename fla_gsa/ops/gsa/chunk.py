@@ -19,6 +19,7 @@ import torch
 from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
 from fla_gsa.ops.common.chunk_h import chunk_fwd_h_slots
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
+from fla_gsa.ops.utils import replay
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
@@ -40,65 +41,74 @@ DECAYED_SCANS = True
 
 
 class ChunkGSAFunction(torch.autograd.Function):
+    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
     @staticmethod
-    def forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
-        q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
-        hk0 = hk0.contiguous() if hk0 is not None else None
-        hv0 = hv0.contiguous() if hv0 is not None else None
-        fuse = s.shape[-1] <= FUSED_SOFTMAX_MAX_SLOTS
-        need_dg = ctx.needs_input_grad[4]
-        cdt = compute_dtype(k, s, q)
-        decayed = DECAYED_SCANS and compute_dtype(s, v) == cdt  # one decayed s serves both passes
-        states_k = states_v = pd = None
-        if decayed:  # both passes gate with G: taken once, with s decayed to its chunk's end
-            G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens, decay=s, decay_dtype=cdt)
-            # both passes' state scans in one launch
-            hk, hv, hkt, hvt = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, output_final_state, cu_seqlens, chunk_size,
-                                                 cdt)
-            states_k, states_v = (hk, hkt), (hv, hvt)
-        else:
-            G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens), None
-        # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32, and
-        # (decayed) p * e^G for pass V's backward scan
-        _, _, hk, Ak, p, ok_nd, hkt, pd = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
-                                                    chunk_size, torch.float32, need_dg, G, softmax=fuse,
-                                                    decayed_input=sd, states=states_k, decay_out=decayed and fuse)
-        if not fuse:
-            p = p.softmax(dim=-1)
-        # pass V, the gate on the key side
-        _, _, hv, Av, o, _, hvt, _ = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
-                                               chunk_size, v.dtype, False, G, decayed_input=sd, states=states_v)
-        keep = checkpoint_level == 0
-        ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
-                              cu_seqlens, None if keep else sd, pd)
-        ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed, cdt)
-        return o, hkt, hvt
+    def forward(ctx, *args):
+        return replay.run(_forward, ctx, args)
 
     @staticmethod
-    def backward(ctx, do, dhkt, dhvt):
-        q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = ctx.saved_tensors
-        scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = ctx.meta
-        do = do.contiguous()
-        if decayed and hk is None:  # recompute both passes' states, in one launch
-            hk, hv, _, _ = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, False, cu_seqlens, chunk_size, cdt)
-        # pass V: gradients of p (through the softmax when fused), s (as keys), v; decayed with a fused
-        # softmax also dok * e^G for pass K's backward scan; the terms of g's gradient (key side), which
-        # pass K's gate-gradient launch sums with its own
-        dok, ds, dv, dg, _, dhv0, dokd = chunk_bwd(
-            p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
-            cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
-            decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True)
-        del hv  # a recomputed one is freed before pass K's backward
-        if not fuse:
-            dok = p * (dok - (p * dok).sum(-1, keepdim=True))
-        # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
-        dq, dk, ds, _, dg, dhk0, _ = chunk_bwd(
-            q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
-            cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
-            decayed_input=sd, decay_dh=decayed, dh_input=dokd)
-        dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
-        dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
-        return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
+    def backward(ctx, *grads):
+        return replay.run(_backward, ctx, grads, backward=True)
+
+
+def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
+    q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+    hk0 = hk0.contiguous() if hk0 is not None else None
+    hv0 = hv0.contiguous() if hv0 is not None else None
+    fuse = s.shape[-1] <= FUSED_SOFTMAX_MAX_SLOTS
+    need_dg = ctx.needs_input_grad[4]
+    cdt = compute_dtype(k, s, q)
+    decayed = DECAYED_SCANS and compute_dtype(s, v) == cdt  # one decayed s serves both passes
+    states_k = states_v = pd = None
+    if decayed:  # both passes gate with G: taken once, with s decayed to its chunk's end
+        G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens, decay=s, decay_dtype=cdt)
+        # both passes' state scans in one launch
+        hk, hv, hkt, hvt = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, output_final_state, cu_seqlens, chunk_size,
+                                             cdt)
+        states_k, states_v = (hk, hkt), (hv, hvt)
+    else:
+        G, sd = cumsum_fwd(g, chunk_size, cu_seqlens=cu_seqlens), None
+    # pass K, the gate on the value side (the slots); the slot logits and their softmax in fp32, and
+    # (decayed) p * e^G for pass V's backward scan
+    _, _, hk, Ak, p, ok_nd, hkt, pd = chunk_fwd(q, k, s, None, g, scale, hk0, output_final_state, cu_seqlens,
+                                                chunk_size, torch.float32, need_dg, G, softmax=fuse,
+                                                decayed_input=sd, states=states_k, decay_out=decayed and fuse)
+    if not fuse:
+        p = p.softmax(dim=-1)
+    # pass V, the gate on the key side
+    _, _, hv, Av, o, _, hvt, _ = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
+                                           chunk_size, v.dtype, False, G, decayed_input=sd, states=states_v)
+    keep = checkpoint_level == 0
+    ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
+                          cu_seqlens, None if keep else sd, pd)
+    ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed, cdt)
+    return o, hkt, hvt
+
+
+def _backward(ctx, do, dhkt, dhvt):
+    q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = ctx.saved_tensors
+    scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = ctx.meta
+    do = do.contiguous()
+    if decayed and hk is None:  # recompute both passes' states, in one launch
+        hk, hv, _, _ = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, False, cu_seqlens, chunk_size, cdt)
+    # pass V: gradients of p (through the softmax when fused), s (as keys), v; decayed with a fused
+    # softmax also dok * e^G for pass K's backward scan; the terms of g's gradient (key side), which
+    # pass K's gate-gradient launch sums with its own
+    dok, ds, dv, dg, _, dhv0, dokd = chunk_bwd(
+        p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
+        cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
+        decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True)
+    del hv  # a recomputed one is freed before pass K's backward
+    if not fuse:
+        dok = p * (dok - (p * dok).sum(-1, keepdim=True))
+    # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
+    dq, dk, ds, _, dg, dhk0, _ = chunk_bwd(
+        q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
+        cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
+        decayed_input=sd, decay_dh=decayed, dh_input=dokd)
+    dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
+    dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
+    return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
 
 
 def chunk_gsa(

@@ -82,9 +82,15 @@ class LeanKernel:
                 full.append(a)
         key = (*key, *meta.items())
         entry = self.cache.get(key)
+        recorder = getattr(_mode, "recorder", None)
         if entry is None:
-            return self.first_launch(key, grid, args, meta)
+            compiled = self.first_launch(key, grid, args, meta)
+            if recorder is not None:
+                recorder.launch(compiled, grid, args, self.cache[key][1])
+            return compiled
         compiled, tail = entry
+        if recorder is not None:
+            recorder.launch(compiled, grid, args, tail)
         full = (*full, *tail)
         stream = _stream(key[0])
         n = len(grid)
@@ -140,7 +146,8 @@ def launch_hooks():
     return (None, None) if _no_hook(enter) and _no_hook(leave) else (enter, leave)
 
 
-# per thread: whether lean launches only submit compilations (compile_only)
+# per thread: whether lean launches only submit compilations (compile_only), and the recorder that sees
+# them while a call is recorded for replay (fla_gsa.ops.utils.replay)
 _mode = threading.local()
 
 

@@ -251,6 +251,7 @@ def _args(**over):
     (dict(initial_state=(torch.zeros(2, 2, 8, 5), torch.zeros(2, 2, 4, 8))), ValueError, r"initial_state\[0\] \(hk\)"),
     (dict(initial_state=(torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 4, 9))), ValueError, r"initial_state\[1\] \(hv\)"),
     (dict(cu_seqlens=torch.tensor([0, 10])), ValueError, r"batch size must be 1"),
+    (dict(g=torch.zeros(2, 10, 2, 4, device="meta")), ValueError, r"one device, got q on .*, g on meta"),
 ])
 @pytest.mark.parametrize("fn", [chunk_gsa, fused_recurrent_gsa])
 def test_input_checks(fn, bad, err, match):

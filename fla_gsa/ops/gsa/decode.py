@@ -110,10 +110,10 @@ def _decode_triton(q, k, v, s, g, scale, hk, hv):
     B, _, HQ, K = q.shape
     H, M, V = k.shape[2], s.shape[-1], v.shape[-1]
     grid, meta = _decode_config(B, H, HQ // H, K, M, V, q.device.index if q.is_cuda else -1)
-    o = torch.empty(B, 1, HQ, V, dtype=v.dtype, device=q.device)
-    states = torch.empty(B * H * M * (K + V), dtype=torch.float32, device=q.device)  # one allocation
-    hk_new = states[:B * H * K * M].view(B, H, K, M)
-    hv_new = states[B * H * K * M:].view(B, H, M, V)
+    # three allocations: one shared buffer and two views of it took twice the host time
+    o = v.new_empty(B, 1, HQ, V)
+    hk_new = q.new_empty(B, H, K, M, dtype=torch.float32)
+    hv_new = q.new_empty(B, H, M, V, dtype=torch.float32)
     fused_gsa_decode_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), o,
         hk.contiguous() if hk is not None else None, hv.contiguous() if hv is not None else None,

@@ -23,15 +23,20 @@ def check_tensor(x, name: str, ndim: int | None = None, layout: str | None = Non
 
 
 def check_shape(x: torch.Tensor, name: str, expected: Sequence[int], layout: str) -> None:
-    if tuple(x.shape) != tuple(expected):
+    if x.shape != tuple(expected):
         raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
 def check_same_device(name_tensors: dict) -> None:
-    devices = {n: t.device for n, t in name_tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all inputs must be on one device, got {listing}")
+    first = None
+    for t in name_tensors.values():  # a loop, not a set of devices: a decoding step runs this every token
+        if isinstance(t, torch.Tensor):
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                listing = ", ".join(f"{n} on {t.device}" for n, t in name_tensors.items()
+                                    if isinstance(t, torch.Tensor))
+                raise ValueError(f"all inputs must be on one device, got {listing}")
 
 
 def check_qkv(q, k, v, k_name: str = "k", v_name: str = "v") -> tuple[int, int, int, int, int, int]:

@@ -32,6 +32,7 @@ from triton.runtime.jit import JITFunction
 
 _I32 = 2**31
 _I64 = 2**63
+_NONE = type(None)
 
 
 def arg_key(a):
@@ -72,14 +73,22 @@ class LeanKernel:
         # Triton's launcher takes as it is (given the tensor it calls data_ptr() and asks the driver
         # about the pointer, for every tensor of every launch)
         key, full = [_device()], []
-        for a in args:
-            if isinstance(a, torch.Tensor):  # arg_key's tensor case, with one data_ptr() call for both
+        add_key, add_arg = key.append, full.append
+        for a in args:  # arg_key, its commonest cases first and inline (a launch passes 10-30 arguments)
+            cls = a.__class__
+            if cls is _NONE:
+                add_key(None)
+                add_arg(None)
+            elif cls is float:
+                add_key(float)
+                add_arg(a)
+            elif isinstance(a, torch.Tensor):  # one data_ptr() call for the key and the argument
                 ptr = a.data_ptr()
-                key.append((a.dtype, ptr % 16 == 0))
-                full.append(ptr)
+                add_key((a.dtype, ptr % 16 == 0))
+                add_arg(ptr)
             else:
-                key.append(arg_key(a))
-                full.append(a)
+                add_key(arg_key(a))
+                add_arg(a)
         key = (*key, *meta.items())
         entry = self.cache.get(key)
         recorder = getattr(_mode, "recorder", None)

@@ -176,6 +176,31 @@ def test_not_replayable_calls_run_the_code(kernel, what):
     assert calls["fwd"] == 3
 
 
+def test_one_tensor_as_two_inputs_is_not_recorded(kernel):
+    """With ``x`` given twice, a launch reading it could have meant either input: such a recording would
+    replay the wrong pointer when the inputs differ, so it is not kept."""
+    calls = []
+
+    def forward(ctx, a, b):
+        calls.append(1)
+        out = a.new_empty(a.shape)
+        kernel[(1,)](a, out, 1, 1.0, BLOCK=32)
+        return out
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            return replay.run(forward, ctx, args)
+
+    x = torch.randn(4)
+    Function.apply(x, x)
+    kernel.fn.log.clear()
+    a, b = torch.randn(4), torch.randn(4)
+    Function.apply(a, b)
+    assert len(calls) == 2
+    assert [e[2][0] for e in kernel.fn.log if e[0] == "run"] == [a.data_ptr()]
+
+
 def test_off_while_a_launch_hook_is_set(kernel):
     Function, calls = make_function(kernel)
     Function.apply(torch.randn(16), 0.5)

@@ -119,7 +119,7 @@ class _Ctx:
             self._attrs[name] = value
         object.__setattr__(self, name, value)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # what the forward left (backward); a call on the real ctx is not recorded
         return getattr(self._ctx, name)
 
 
@@ -178,6 +178,9 @@ class _Recorder(TorchDispatchMode):
         self.lean_launches = 0
         for a in inputs:
             if isinstance(a, torch.Tensor):
+                if id(a) in self.known:
+                    # one tensor given as two inputs: its launches could not tell which input they read
+                    self.invalid = True
                 self._add_root(a)
             else:
                 self.roots.append(None)

@@ -60,6 +60,20 @@ def kernel(monkeypatch):
     replay.clear()
 
 
+def replayed(forward_impl, backward_impl=None):
+    """An autograd Function whose forward (and backward) go through ``replay.run``, as the ops' do."""
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            return replay.run(forward_impl, ctx, args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return replay.run(backward_impl, ctx, grads, backward=True)
+
+    return Function
+
+
 def make_function(kernel, extra=None):
     """An autograd Function over the fake kernel: the forward allocates y and a [2, n] buffer, writes its
     row 1 from x, then y from that row; saves x and the row; the backward reads them into dx."""
@@ -86,16 +100,7 @@ def make_function(kernel, extra=None):
         kernel[(6,)](dy, dx, x.numel(), ctx.meta[0], BLOCK=32)
         return dx, None
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            return replay.run(forward, ctx, args)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return replay.run(backward, ctx, grads, backward=True)
-
-    return Function, calls
+    return replayed(forward, backward), calls
 
 
 def launches(kernel):
@@ -187,11 +192,7 @@ def test_one_tensor_as_two_inputs_is_not_recorded(kernel):
         kernel[(1,)](a, out, 1, 1.0, BLOCK=32)
         return out
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            return replay.run(forward, ctx, args)
-
+    Function = replayed(forward)
     x = torch.randn(4)
     Function.apply(x, x)
     kernel.fn.log.clear()
@@ -239,11 +240,7 @@ def test_temporaries_are_released_after_their_last_launch(kernel):
         kernel[(1,)](x, out, 1, 1.0, BLOCK=32)
         return out
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            return replay.run(forward, ctx, args)
-
+    Function = replayed(forward)
     Function.apply(torch.randn(4))
     (plan,) = replay._plans.values()
     allocations = [slot for slot, step, _ in plan.steps if step is None]

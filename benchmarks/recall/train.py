@@ -245,7 +245,9 @@ def append_rows(csv_path: str, rows: list[dict]) -> None:
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if f.tell() == 0:
+            # the position is the file's end as of open(): another shard may have written since, so
+            # look again under the lock before deciding on the header
+            if f.seek(0, os.SEEK_END) == 0:
                 writer.writeheader()
             writer.writerows(rows)
             f.flush()

@@ -270,34 +270,18 @@ def _leaf(a):
     return base.requires_grad_().as_strided(a.shape, a.stride(), a.storage_offset())
 
 
-def _run_gsa(args, h0, gated, **kw):
-    from fla_gsa.ops import chunk_abc, chunk_gsa
-
+def _run(op, args, h0, **kw):
+    """One forward+backward of ``op`` under a fixed random loss: its output, its final states (when
+    ``h0`` is given) and the gradients of every input and initial state. ``h0``: a tuple of states (one
+    for GLA, ``(hk, hv)`` for GSA and ABC), or None."""
     leaves = [_leaf(a) for a in args if a is not None]
-    state = tuple(h.detach().clone().requires_grad_() for h in h0) if h0 is not None else None
-    if gated:
-        o, ht = chunk_gsa(*leaves, initial_state=state, output_final_state=state is not None, **kw)
-    else:
-        o, ht = chunk_abc(*leaves, initial_state=state, output_final_state=state is not None, **kw)
+    states = [h.detach().clone().requires_grad_() for h in h0] if h0 is not None else []
+    initial = None if not states else states[0] if len(states) == 1 else tuple(states)
+    o, ht = op(*leaves, initial_state=initial, output_final_state=bool(states), **kw)
+    finals = [] if ht is None else [ht] if isinstance(ht, torch.Tensor) else list(ht)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    loss = (o.float() * torch.randn(o.shape, device="cuda", generator=gen)).sum()
-    if ht is not None:
-        loss = loss + sum((h * torch.randn(h.shape, device="cuda", generator=gen)).sum() for h in ht)
-    grads = torch.autograd.grad(loss, leaves + list(state or ()))
-    return [o, *(ht or ())] + list(grads)
-
-
-def _run_gla(args, h0, **kw):
-    from fla_gsa.ops import chunk_gla
-
-    leaves = [_leaf(a) for a in args]
-    state = h0.detach().clone().requires_grad_() if h0 is not None else None
-    o, ht = chunk_gla(*leaves, initial_state=state, output_final_state=state is not None, **kw)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    loss = (o.float() * torch.randn(o.shape, device="cuda", generator=gen)).sum()
-    if ht is not None:
-        loss = loss + (ht * torch.randn(ht.shape, device="cuda", generator=gen)).sum()
-    return [o] + ([ht] if ht is not None else []) + list(torch.autograd.grad(loss, leaves + ([state] if state is not None else [])))
+    loss = sum((x.float() * torch.randn(x.shape, device="cuda", generator=gen)).sum() for x in [o, *finals])
+    return [o, *finals, *torch.autograd.grad(loss, leaves + states)]
 
 
 GPU_CASES = [
@@ -329,7 +313,7 @@ def test_replayed_calls_equal_the_code(case, monkeypatch):
             q, k = (torch.randn(B, T, HQ if i == 0 else H, K, device="cuda", dtype=dtype) for i in range(2))
             v = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
             gk = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 8).to(dtype)
-            h0 = torch.randn(B, H, K, V, device="cuda") if state else None
+            h0 = (torch.randn(B, H, K, V, device="cuda"),) if state else None
             return [q, k, v, gk], h0
         args, h0 = _gsa_inputs(B, T, HQ, H, K, V, M, dtype, state, gated=op == "gsa")
         if misaligned:  # q one element past a 16-byte boundary
@@ -341,9 +325,9 @@ def test_replayed_calls_equal_the_code(case, monkeypatch):
         return args, h0
 
     def call(args, h0):
-        if op == "gla":
-            return _run_gla(args, h0, **extra)
-        return _run_gsa(args, h0, op == "gsa", **extra)
+        from fla_gsa.ops import chunk_abc, chunk_gla, chunk_gsa
+
+        return _run(dict(gsa=chunk_gsa, abc=chunk_abc, gla=chunk_gla)[op], args, h0, **extra)
 
     args, h0 = inputs()
     monkeypatch.setattr(replay, "ENABLED", False)

@@ -34,8 +34,8 @@ def check_same_device(name_tensors: dict) -> None:
             if first is None:
                 first = t.device
             elif t.device != first:
-                listing = ", ".join(f"{n} on {t.device}" for n, t in name_tensors.items()
-                                    if isinstance(t, torch.Tensor))
+                listing = ", ".join(f"{n} on {x.device}" for n, x in name_tensors.items()
+                                    if isinstance(x, torch.Tensor))
                 raise ValueError(f"all inputs must be on one device, got {listing}")
 
 

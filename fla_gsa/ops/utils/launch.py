@@ -92,20 +92,20 @@ class LeanKernel:
         key = (*key, *meta.items())
         entry = self.cache.get(key)
         recorder = getattr(_mode, "recorder", None)
+        n = len(grid)
+        grid3 = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         if entry is None:
             compiled = self.first_launch(key, grid, args, meta)
             if recorder is not None:
-                recorder.launch(compiled, grid, args, self.cache[key][1])
+                recorder.launch(compiled, grid3, args, self.cache[key][1])
             return compiled
         compiled, tail = entry
         if recorder is not None:
-            recorder.launch(compiled, grid, args, tail)
+            recorder.launch(compiled, grid3, args, tail)
         full = (*full, *tail)
         stream = _stream(key[0])
-        n = len(grid)
         enter, leave = launch_hooks()
-        compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
-                     compiled.packed_metadata,
+        compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,
                      None if enter is None and leave is None else compiled.launch_metadata(grid, stream, *full),
                      enter, leave, *full)
         return compiled

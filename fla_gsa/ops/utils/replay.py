@@ -212,8 +212,8 @@ class _Recorder(TorchDispatchMode):
             self.invalid = True  # computes something: not a pure sequence of allocations and launches
         return out
 
-    def launch(self, compiled, grid, args, tail):
-        """A lean launch (called by the lean launcher)."""
+    def launch(self, compiled, grid3, args, tail):
+        """A lean launch (called by the lean launcher, with its grid as three sizes)."""
         self.lean_launches += 1
         base, refs = [], []
         for i, a in enumerate(args):
@@ -226,9 +226,8 @@ class _Recorder(TorchDispatchMode):
                 base.append(0)
             else:
                 base.append(a)
-        n = len(grid)
-        self.steps.append(("launch", (compiled.run, grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-                                      compiled.function, compiled.packed_metadata, base + list(tail), refs)))
+        self.steps.append(("launch", (compiled.run, *grid3, compiled.function, compiled.packed_metadata,
+                                      base + list(tail), refs)))
 
     def _ref(self, t):
         """How a replay gets tensor ``t`` back: None, ``("in", i)`` (input i itself), or a slot's tensor

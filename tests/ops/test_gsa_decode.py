@@ -8,7 +8,9 @@ import torch
 from conftest import DEVICE, assert_rel, log_gates
 
 from fla_gsa.ops.common.naive import naive_recurrent_linear_attn
-from fla_gsa.ops.gsa.decode import fused_gsa_decode
+from fla_gsa.ops import fused_recurrent_gsa
+from fla_gsa.ops.gsa.decode import fused_gsa_decode, plain_decode_args
+from fla_gsa.ops.gsa.utils import check_gsa
 
 
 def reference_step(q, k, v, s, g, scale, hk, hv):
@@ -188,3 +190,99 @@ BAD_INPUTS = [
 def test_bad_inputs(name, build, exc, match):
     with pytest.raises(exc, match=match):
         fused_gsa_decode(**build())
+
+
+# -- fused_recurrent_gsa's plain decoding step: a short filter in place of the full checks ------------
+
+def _plain_call(B=2, HQ=4, H=2, K=8, V=12, M=10, dtype=torch.float32, **changes):
+    x = make_step(B, HQ, H, K, V, M, dtype=dtype)
+    x = dict(x, scale=None, initial_state=(torch.randn(B, H, K, M, device=DEVICE), torch.randn(B, H, M, V, device=DEVICE)))
+    x.update(changes)
+    return x
+
+
+@pytest.mark.parametrize("case", [dict(), dict(scale=0.3), dict(dtype=torch.bfloat16), dict(HQ=2, H=2),
+                                  dict(B=1, HQ=6, H=3)], ids=["default", "scale", "bf16", "mha", "gqa3"])
+def test_plain_decode_args_match_the_full_checks(case):
+    x = _plain_call(**case)
+    plain = plain_decode_args(**x)
+    _, scale, hk, hv = check_gsa(x["q"], x["k"], x["v"], x["s"], x["g"], x["scale"], x["initial_state"], None)
+    assert plain is not None
+    assert plain[0] == scale and plain[1] is hk and plain[2] is hv
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+# calls the filter must leave to the full path: bad ones (the full checks raise) and good ones it does
+# not cover (the general path runs them)
+NOT_PLAIN = [
+    ("k head dim", dict(k=torch.randn(2, 1, 2, 9, device=DEVICE)), ValueError),
+    ("k batch", dict(k=torch.randn(1, 1, 2, 8, device=DEVICE)), ValueError),
+    ("v rank", dict(v=torch.randn(2, 1, 24, device=DEVICE)), ValueError),
+    ("s heads", dict(s=torch.randn(2, 1, 3, 10, device=DEVICE)), ValueError),
+    ("g slots", dict(g=torch.randn(2, 1, 2, 11, device=DEVICE)), ValueError),
+    ("hk shape", dict(initial_state=(torch.zeros(2, 2, 10, 8, device=DEVICE), torch.zeros(2, 2, 10, 12, device=DEVICE))),
+     ValueError),
+    ("hv batch", dict(initial_state=(torch.zeros(2, 2, 8, 10, device=DEVICE), torch.zeros(1, 2, 10, 12, device=DEVICE))),
+     ValueError),
+    ("integer v", dict(v=torch.ones(2, 1, 2, 12, dtype=torch.int32, device=DEVICE)), TypeError),
+    ("integer hk", dict(initial_state=(torch.zeros(2, 2, 8, 10, dtype=torch.int64, device=DEVICE),
+                                       torch.zeros(2, 2, 10, 12, device=DEVICE))), TypeError),
+    ("state not a pair", dict(initial_state=torch.zeros(2, 2, 8, 10, device=DEVICE)), TypeError),
+    ("state of three", dict(initial_state=(torch.zeros(2, 2, 8, 10, device=DEVICE),) * 3), TypeError),
+    ("heads not a multiple", dict(q=torch.randn(2, 1, 3, 8, device=DEVICE)), ValueError),
+    ("non-contiguous q", dict(q=torch.randn(2, 1, 8, 4, device=DEVICE).transpose(2, 3)), None),
+    ("integer scale", dict(scale=1), None),
+    ("q needs grad", dict(q=torch.randn(2, 1, 4, 8, device=DEVICE, requires_grad=True)), None),
+    ("q a subclass", dict(q=torch.randn(2, 1, 4, 8, device=DEVICE).as_subclass(_Sub)), None),
+]
+if torch.cuda.is_available():
+    NOT_PLAIN.append(("hv on the CPU", dict(initial_state=(torch.zeros(2, 2, 8, 10, device=DEVICE),
+                                                           torch.zeros(2, 2, 10, 12))), ValueError))
+
+
+@pytest.mark.parametrize("name, changes, exc", NOT_PLAIN, ids=[c[0] for c in NOT_PLAIN])
+def test_not_plain_calls_take_the_full_path(name, changes, exc):
+    x = _plain_call(**changes)
+    assert plain_decode_args(**x) is None
+    if exc is not None:
+        with pytest.raises(exc):
+            fused_recurrent_gsa(**x)
+        return
+    # a good call the filter does not cover: the general path gives the step's result
+    o, (hk, hv) = fused_recurrent_gsa(**x, output_final_state=True)
+    q = x["q"].detach().contiguous() if isinstance(x["q"], torch.Tensor) else x["q"]
+    ref_o, ref_hk, ref_hv = reference_step(q.as_subclass(torch.Tensor), x["k"], x["v"], x["s"], x["g"],
+                                           float(x["scale"] or 8 ** -0.5), *x["initial_state"])
+    assert_rel("o", o, ref_o, 1e-5)
+    assert_rel("hk", hk, ref_hk, 1e-5)
+    assert_rel("hv", hv, ref_hv, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the direct launch exists on the GPU only")
+def test_direct_launch_equals_the_lean_launch():
+    from fla_gsa.ops.gsa import decode as D
+    from fla_gsa.ops.utils.launch import LeanKernel
+
+    assert isinstance(D.fused_gsa_decode_kernel, LeanKernel)
+    D._steps.clear()
+    x = _plain_call(B=3, HQ=4, H=2, K=64, V=96, M=20, dtype=torch.bfloat16)
+    first = fused_recurrent_gsa(**x, output_final_state=True)  # through the lean launcher: records the entry
+    (key, step), = D._steps.items()
+    assert step[2] is not None
+    calls = []
+    real = D.fused_gsa_decode_kernel.launch
+    D.fused_gsa_decode_kernel.launch = lambda *a: calls.append(a) or real(*a)
+    try:
+        second = fused_recurrent_gsa(**x, output_final_state=True)  # direct
+        assert calls == []
+        # a pointer off the 16-byte grid goes through the lean launcher again
+        q_off = torch.empty(x["q"].numel() + 1, dtype=x["q"].dtype, device=DEVICE)[1:].view_as(x["q"]).copy_(x["q"])
+        third = fused_recurrent_gsa(**dict(x, q=q_off), output_final_state=True)
+        assert len(calls) == 1
+    finally:
+        D.fused_gsa_decode_kernel.launch = real
+    for a, b, c in zip((first[0], *first[1]), (second[0], *second[1]), (third[0], *third[1])):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -21,9 +21,12 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
-from fla_gsa.ops.utils.checks import check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
-from fla_gsa.ops.utils.launch import lean
+from fla_gsa.ops.utils.checks import FLOAT_DTYPES, check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
+from fla_gsa.ops.utils.launch import LeanKernel, current_device, current_stream, direct_launch_ok, lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, next_power_of_2
+
+_Tensor = torch.Tensor
+_FLOATS = frozenset(FLOAT_DTYPES)
 
 
 @lean
@@ -106,20 +109,83 @@ def _decode_config(B, H, G, K, M, V, device_index):
                                               BM=BM, BV=BV, NVB=NVB, num_warps=4 if BM * max(BK, BV) > 2048 else 2)
 
 
+# The launch of a decoding step, per shape, dtypes and device: its grid and constants, and once a step
+# has run with 16-byte aligned pointers, the compiled kernel and its trailing constants (lean's cache
+# entry for that specialization). A step with the same key and aligned pointers then calls the compiled
+# launcher directly: a step is ~10 us of GPU work, so each microsecond of host time shows at B=1.
+_steps: dict = {}
+
+
 def _decode_triton(q, k, v, s, g, scale, hk, hv):
     B, _, HQ, K = q.shape
     H, M, V = k.shape[2], s.shape[-1], v.shape[-1]
-    grid, meta = _decode_config(B, H, HQ // H, K, M, V, q.device.index if q.is_cuda else -1)
     # three allocations: one shared buffer and two views of it took twice the host time
     o = v.new_empty(B, 1, HQ, V)
     hk_new = q.new_empty(B, H, K, M, dtype=torch.float32)
     hv_new = q.new_empty(B, H, M, V, dtype=torch.float32)
-    fused_gsa_decode_kernel[grid](
-        q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), o,
-        hk.contiguous() if hk is not None else None, hv.contiguous() if hv is not None else None,
-        hk_new, hv_new, scale, USE_INITIAL_STATE=hk is not None, **meta,
-    )
+    dev = q.get_device()
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), o,
+            hk.contiguous() if hk is not None else None, hv.contiguous() if hv is not None else None,
+            hk_new, hv_new)
+    if hk is None or dev < 0:  # the first token, or the interpreter: no direct launch
+        grid, meta = _decode_config(B, H, HQ // H, K, M, V, dev)
+        fused_gsa_decode_kernel[grid](*args, scale, USE_INITIAL_STATE=hk is not None, **meta)
+        return o, (hk_new, hv_new)
+    key = (current_device(), dev, q.shape, H, M, V, q.dtype, k.dtype, v.dtype, s.dtype, g.dtype, hk.dtype, hv.dtype)
+    step = _steps.get(key)
+    if step is None:
+        if len(_steps) >= 256:  # many shapes (batch sizes): start over rather than grow
+            _steps.clear()
+        step = _steps[key] = [*_decode_config(B, H, HQ // H, K, M, V, dev), None]
+    grid, meta, entry = step
+    ptrs = [t.data_ptr() for t in args]
+    aligned = not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5] | ptrs[6] | ptrs[7] | ptrs[8]
+                   | ptrs[9]) & 15
+    if entry is not None and aligned and direct_launch_ok():
+        compiled, tail = entry
+        compiled.run(grid[0], grid[1], 1, current_stream(key[0]), compiled.function, compiled.packed_metadata,
+                     None, None, None, *ptrs, scale, *tail)
+    else:
+        fused_gsa_decode_kernel[grid](*args, scale, USE_INITIAL_STATE=True, **meta)
+        if aligned and isinstance(fused_gsa_decode_kernel, LeanKernel):
+            step[2] = fused_gsa_decode_kernel.entry((*args, scale), dict(USE_INITIAL_STATE=True, **meta))
     return o, (hk_new, hv_new)
+
+
+def plain_decode_args(q, k, v, s, g, scale, initial_state):
+    """``(scale, hk, hv)`` when a :func:`fla_gsa.ops.fused_recurrent_gsa` call is a plain decoding step,
+    found in a few comparisons; None for every other call, which then takes the full checks (they name
+    what is wrong) and the general path.
+
+    Plain: ``q [B, 1, HQ, K]``, ``k [B, 1, H, K]``, ``v [B, 1, H, V]``, ``s`` and ``g [B, 1, H, M]``
+    and ``initial_state`` a pair ``(hk [B, H, K, M], hv [B, H, M, V])``, all contiguous floating-point
+    tensors (not subclasses) on one device, none of them needing a gradient, ``scale`` None or a float,
+    and no size zero. Every plain call passes the full checks: tests compare the two on good and bad
+    inputs."""
+    if type(initial_state) not in (tuple, list) or len(initial_state) != 2:
+        return None
+    hk, hv = initial_state
+    grad = torch.is_grad_enabled()
+    for x in (q, k, v, s, g, hk, hv):
+        if type(x) is not _Tensor or x.dtype not in _FLOATS or not x.is_contiguous() or (grad and x.requires_grad):
+            return None
+    qs, vs, ss = q.shape, v.shape, s.shape
+    if len(qs) != 4 or len(vs) != 4 or len(ss) != 4:
+        return None
+    B, T, HQ, K = qs
+    H, V, M = vs[2], vs[3], ss[3]
+    if (T != 1 or not (B and H and K and V and M) or HQ % H or vs[0] != B or vs[1] != 1
+            or k.shape != (B, 1, H, K) or ss != (B, 1, H, M) or g.shape != ss
+            or hk.shape != (B, H, K, M) or hv.shape != (B, H, M, V)):
+        return None
+    dev = q.device
+    if k.device != dev or v.device != dev or s.device != dev or g.device != dev or hk.device != dev or hv.device != dev:
+        return None
+    if scale is None:
+        scale = K ** -0.5
+    elif type(scale) is not float:
+        return None
+    return scale, hk, hv
 
 
 def _decode_torch(q, k, v, s, g, scale, hk, hv):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fla_gsa.ops.common.fused_recurrent import fused_recurrent_linear_attn
-from fla_gsa.ops.gsa.decode import gsa_decode_unchecked
+from fla_gsa.ops.gsa.decode import gsa_decode_unchecked, plain_decode_args
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 
 
@@ -57,6 +57,11 @@ def fused_recurrent_gsa(
         >>> o_last.shape
         torch.Size([1, 1, 2, 16])
     """
+    if g is not None and cu_seqlens is None:  # a plain decoding step: checked in a few comparisons
+        plain = plain_decode_args(q, k, v, s, g, scale, initial_state)
+        if plain is not None:
+            o, state = gsa_decode_unchecked(q, k, v, s, g, *plain)
+            return o, (state if output_final_state else None)
     _, scale, hk0, hv0 = check_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, s, g, hk0, hv0))

@@ -116,6 +116,12 @@ class LeanKernel:
         if (_device(), *map(arg_key, args), *meta.items()) not in self.cache:
             self.fn.warmup(*args, grid=grid, **meta)
 
+    def entry(self, args, meta):
+        """``(compiled, tail)`` for the specialization of ``args`` / ``meta`` once a launch has compiled it
+        (None before): what :func:`direct_launch_ok` callers pass to ``compiled.run`` themselves, with the
+        tensors as pointers followed by ``tail``."""
+        return self.cache.get((_device(), *map(arg_key, args), *meta.items()))
+
     def first_launch(self, key, grid, args, meta):
         tail_names = self.names[len(args):]
         runtime_kw = [n for n in meta if n in self.names and n not in self.constexprs]
@@ -143,6 +149,9 @@ except AttributeError:  # pragma: no cover - a build of torch without CUDA
         return torch.cuda.current_stream(device).cuda_stream
 
 
+current_device, current_stream = _device, _stream
+
+
 def _no_hook(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
@@ -158,6 +167,13 @@ def launch_hooks():
 # per thread: whether lean launches only submit compilations (compile_only), and the recorder that sees
 # them while a call is recorded for replay (fla_gsa.ops.utils.replay)
 _mode = threading.local()
+
+
+def direct_launch_ok() -> bool:
+    """Whether a caller may call a compiled launcher itself (from :meth:`LeanKernel.entry`): no launch
+    hook is set and this thread neither only compiles nor records."""
+    return (launch_hooks() == (None, None) and not getattr(_mode, "compile_only", False)
+            and getattr(_mode, "recorder", None) is None)
 
 
 def async_compile_mode():

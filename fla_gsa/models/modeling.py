@@ -55,8 +55,17 @@ class HybridBlock(GradientCheckpointingLayer):
     """``h = x + mixer(attn_norm(x))``, ``y = h + mlp(mlp_norm(h))``; the mixer's kind comes from
     ``config.layer_types[layer_idx]``.
 
-    ``forward(hidden_states [B, T, D], attention_mask [B, S] = None, past_key_values = None,
-    use_cache = False)`` returns the new hidden states ``[B, T, D]``.
+    ``forward(hidden_states [B, T, D], residual [B, T, D] = None, attention_mask [B, S] = None,
+    past_key_values = None, use_cache = False, return_residual = False)`` returns the new hidden states
+    ``[B, T, D]``: ``y`` above, with ``x = hidden_states + residual``.
+
+    Inside a model the residual stream travels beside the blocks' outputs instead: given
+    ``residual`` (the stream before this block, None for the first) and ``return_residual=True``,
+    the block returns ``(mlp_out, residual)`` whose sum is ``y``, and the next block's ``attn_norm``
+    forms that sum in its kernel. The stream stays in its own dtype (fp32 under autocast with fp32
+    weights) while what the projections read and what flows back into them stays in the compute dtype:
+    no separate add, and no cast of the normalized input for each projection (and back in the
+    backward).
 
     Example:
         >>> import torch
@@ -77,14 +86,15 @@ class HybridBlock(GradientCheckpointingLayer):
         self.mlp = GatedMLP(config.hidden_size, intermediate_size=config.intermediate_size,
                             hidden_ratio=config.hidden_ratio, hidden_act=config.hidden_act, bias=config.mlp_bias)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, use_cache: bool = False, **kwargs) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.attn_norm(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool = False, return_residual: bool = False, **kwargs):
+        hidden_states, residual = self.attn_norm(hidden_states, residual, prenorm=True)
         hidden_states, _, _ = self.attn(hidden_states, attention_mask=attention_mask,
                                         past_key_values=past_key_values, use_cache=use_cache)
         hidden_states, residual = self.mlp_norm(hidden_states, residual, prenorm=True)
-        return residual + self.mlp(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return (hidden_states, residual) if return_residual else residual + hidden_states
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -187,12 +197,15 @@ class HybridModel(HybridPreTrainedModel):
             # (an attention layer's cache remembers the padding of earlier calls itself)
 
         all_hidden_states = () if output_hidden_states else None
+        residual = None  # the residual stream beside each block's output (see HybridBlock)
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                                  use_cache=use_cache)
-        hidden_states = self.norm(hidden_states)
+                all_hidden_states += (hidden_states if residual is None else residual + hidden_states,)
+            # both tensors positional: reentrant checkpointing passes gradients to positional inputs only
+            hidden_states, residual = layer(hidden_states, residual, attention_mask=attention_mask,
+                                            past_key_values=past_key_values, use_cache=use_cache,
+                                            return_residual=True)
+        hidden_states = self.norm(hidden_states, residual)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 

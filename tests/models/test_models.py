@@ -212,7 +212,8 @@ def test_logits_to_keep_and_tuple_output():
     assert_rel("tuple logits", out[0], full, 1e-6)
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_same_gradients(reentrant):
     model = tiny_model().train()
     x = tokens(2, 23)
     model(x, labels=x).loss.backward()
@@ -220,12 +221,32 @@ def test_gradient_checkpointing_same_gradients():
     model.zero_grad()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers 5.23 renames it activation_checkpointing_enable
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert all(block.gradient_checkpointing for block in model.model.layers)
     model(x, labels=x).loss.backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
         assert_rel(f"grad {n}", p.grad, ref[n], 1e-5)
+
+
+def test_autocast_training_step():
+    # bf16 autocast over fp32 weights, as bench_training runs: the residual stream stays fp32 beside
+    # the blocks, the final norm hands the fused loss bf16 hidden states with the fp32 head weight.
+    # Same loss and gradients as the unfused head (logits, then cross entropy) under the same autocast.
+    results = []
+    for fused in (True, False):
+        model = tiny_model(fuse_linear_cross_entropy=fused).train()
+        x = tokens(2, 19)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert torch.isfinite(loss)
+    assert_rel("loss", loss.float(), ref_loss.float(), 1e-2)
+    for n, g in grads.items():
+        assert g.dtype == torch.float32, n
+        assert_rel(f"grad {n}", g, ref_grads[n], 5e-2)
 
 
 def test_training_mode_does_not_build_a_cache():

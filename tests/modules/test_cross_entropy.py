@@ -202,19 +202,22 @@ def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
     assert_rel("loss", loss, ref_linear_ce(hidden, weight, labels), 1e-5)
 
 
-def test_linear_cross_entropy_under_autocast():
-    # Training in bf16 autocast: fp32 hidden states and weights, products in bf16 (a 340M model hit this).
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_under_autocast(hidden_dtype):
+    # Training in bf16 autocast: fp32 weights, and hidden states in fp32 (a 340M model hit this) or in
+    # bf16 (the models' final norm writes the compute dtype); products in bf16.
     N, D, V = 70, 48, 300
-    h = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    h = torch.randn(N, D, device=DEVICE).to(hidden_dtype).requires_grad_()
     w = (0.1 * torch.randn(V, D, device=DEVICE)).requires_grad_()
     y = torch.randint(0, V, (N,), device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss = fused_linear_cross_entropy(h, w, y)
     loss.backward()
-    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    h2, w2 = h.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
     ref = F.cross_entropy(F.linear(h2, w2), y)
     ref.backward()
-    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert h.grad.dtype == hidden_dtype and w.grad.dtype == torch.float32
     assert_rel("loss", loss.float(), ref, 2e-2)
     assert_rel("dh", h.grad, h2.grad, 3e-2)
     assert_rel("dw", w.grad, w2.grad, 3e-2)
+

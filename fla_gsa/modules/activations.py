@@ -8,7 +8,7 @@ The backward recomputes ``sigmoid(a)`` from the saved inputs instead of saving `
 
 ``swiglu_linear`` also leaves out the product ``h = swiglu(a, b)`` that the linear layer's backward
 would otherwise keep (``[tokens, intermediate]``, 176 MiB per layer of a 1.3B model at 16K tokens): its
-backward recomputes ``h`` for the weight gradient.
+backward recomputes ``h`` for the weight gradient, in the same kernel that forms ``da`` and ``db``.
 """
 from __future__ import annotations
 
@@ -38,13 +38,17 @@ def swiglu_fwd_kernel(a, b, y, n, BLOCK: tl.constexpr):
 
 @lean
 @triton.jit
-def swiglu_bwd_kernel(a, b, dy, da, db, n, BLOCK: tl.constexpr):
+def swiglu_bwd_kernel(a, b, dy, da, db, y, n, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+    # STORE_Y: also write the forward's output silu(a) · b (for a following linear layer's weight
+    # gradient) while a and b are loaded anyway
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n
     b_a = tl.load(a + o, mask=m, other=0).to(tl.float32)
     b_b = tl.load(b + o, mask=m, other=0).to(tl.float32)
     b_dy = tl.load(dy + o, mask=m, other=0).to(tl.float32)
     b_sig = tl.sigmoid(b_a)
+    if STORE_Y:
+        tl.store(y + o, (b_a * b_sig * b_b).to(y.dtype.element_ty), mask=m)
     b_da = b_dy * b_b * b_sig * (1 + b_a * (1 - b_sig))
     b_db = b_dy * b_a * b_sig
     tl.store(da + o, b_da.to(da.dtype.element_ty), mask=m)
@@ -61,16 +65,19 @@ def _swiglu_fwd(a, b):
     return y
 
 
-def _swiglu_bwd(a, b, dy):
-    """``(da, db)`` of ``silu(a) · b`` for contiguous ``a``, ``b``, ``dy``."""
+def _swiglu_bwd(a, b, dy, with_y=False):
+    """``(da, db)`` of ``silu(a) · b`` for contiguous ``a``, ``b``, ``dy``; with ``with_y``,
+    ``(da, db, silu(a) · b)`` from the same pass over ``a`` and ``b``."""
     if not use_triton(a):
         af, bf, dyf = a.float(), b.float(), dy.float()
         sig = torch.sigmoid(af)
-        return (dyf * bf * sig * (1 + af * (1 - sig))).to(a.dtype), (dyf * af * sig).to(b.dtype)
+        grads = (dyf * bf * sig * (1 + af * (1 - sig))).to(a.dtype), (dyf * af * sig).to(b.dtype)
+        return (*grads, (af * sig * bf).to(a.dtype)) if with_y else grads
     da, db = torch.empty_like(a), torch.empty_like(b)
+    y = torch.empty_like(a) if with_y else None
     n = a.numel()
-    swiglu_bwd_kernel[(cdiv(n, BLOCK),)](a, b, dy, da, db, n, BLOCK=BLOCK)
-    return da, db
+    swiglu_bwd_kernel[(cdiv(n, BLOCK),)](a, b, dy, da, db, y, n, BLOCK=BLOCK, STORE_Y=with_y)
+    return (da, db, y) if with_y else (da, db)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -106,11 +113,13 @@ class SwiGLULinearFunction(torch.autograd.Function):
         dh = (dy2 @ weight.to(dy.dtype)).view(a.shape).contiguous()
         dw = db_ = None
         if ctx.needs_input_grad[2]:
-            h = _swiglu_fwd(a, b).reshape(-1, a.shape[-1])  # recomputed, never kept
-            dw = (dy2.t() @ h.to(dy.dtype)).to(weight.dtype)
+            # h recomputed (never kept) by the pass that forms da and db: a and b are read once
+            da, db, h = _swiglu_bwd(a, b, dh.to(a.dtype), with_y=True)
+            dw = (dy2.t() @ h.reshape(-1, a.shape[-1]).to(dy.dtype)).to(weight.dtype)
+        else:
+            da, db = _swiglu_bwd(a, b, dh.to(a.dtype))
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db_ = dy2.sum(0).to(ctx.bias_dtype)
-        da, db = _swiglu_bwd(a, b, dh.to(a.dtype))
         return da, db, dw, db_
 
 

@@ -40,16 +40,17 @@ def test_swiglu_non_contiguous():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias, frozen", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_linear(dtype, bias):
+def test_swiglu_linear(dtype, bias, frozen):
     # against float64 composition: the output and the gradients of a, b, weight, bias; the
-    # intermediate swiglu(a, b) is recomputed in the backward, never kept
+    # intermediate swiglu(a, b) is recomputed in the backward (with da, db), never kept. A frozen
+    # weight needs no recomputation.
     a = (3 * torch.randn(2, 37, 96, device=DEVICE)).to(dtype).requires_grad_()
     b = torch.randn(2, 37, 96, device=DEVICE).to(dtype).requires_grad_()
-    w = (torch.randn(40, 96, device=DEVICE) / 10).requires_grad_()  # fp32 weight, as under autocast
+    w = (torch.randn(40, 96, device=DEVICE) / 10).requires_grad_(not frozen)  # fp32 weight, as under autocast
     bb = torch.randn(40, device=DEVICE).requires_grad_() if bias else None
-    leaves = [x for x in (a, b, w, bb) if x is not None]
+    leaves = [x for x in (a, b, w, bb) if x is not None and x.requires_grad]
     y = swiglu_linear(a, b, w, bb)
     ref = F.linear(F.silu(a.double()) * b.double(), w.double(), bb.double() if bias else None)
     assert y.dtype == dtype and y.shape == (2, 37, 40)
@@ -58,7 +59,7 @@ def test_swiglu_linear(dtype, bias):
     dy = torch.randn_like(ref)
     grads = torch.autograd.grad((y.double() * dy).sum(), leaves)
     rgrads = torch.autograd.grad((ref * dy).sum(), leaves)
-    for name, g, r, x in zip("abwc", grads, rgrads, leaves):
+    for name, g, r, x in zip("abwc" if not frozen else "ab", grads, rgrads, leaves):
         assert g.dtype == x.dtype
         assert_rel("d" + name, g, r, tol)
 

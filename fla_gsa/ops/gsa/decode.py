@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from fla_gsa.ops.utils.backend import use_triton
-from fla_gsa.ops.utils.checks import FLOAT_DTYPES, check_gate, check_qkv, check_same_device, check_state, check_tensor, resolve_scale
+from fla_gsa.ops.utils.checks import (FLOAT_DTYPES, check_gate, check_qkv, check_same_device, check_state, check_tensor,
+                                      resolve_scale)
 from fla_gsa.ops.utils.launch import LeanKernel, current_device, current_stream, direct_launch_ok, lean
 from fla_gsa.ops.utils.triton_utils import cdiv, next_pow2, next_power_of_2
 

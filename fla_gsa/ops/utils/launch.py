@@ -170,8 +170,8 @@ _mode = threading.local()
 
 
 def direct_launch_ok() -> bool:
-    """Whether a caller may call a compiled launcher itself (from :meth:`LeanKernel.entry`): no launch
-    hook is set and this thread neither only compiles nor records."""
+    """Whether a caller may call a compiled launcher itself (one from :meth:`LeanKernel.entry`, or a
+    replayed recording's): no launch hook is set and this thread neither only compiles nor records."""
     return (launch_hooks() == (None, None) and not getattr(_mode, "compile_only", False)
             and getattr(_mode, "recorder", None) is None)
 

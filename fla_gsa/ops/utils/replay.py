@@ -77,8 +77,7 @@ def run(impl, ctx, args, backward=False):
     """``impl(ctx, *args)``, an autograd Function's forward (``args``: its inputs) or backward (``args``:
     the gradients of its outputs; ``ctx.saved_tensors`` are inputs too), replayed where a call with the
     same key was recorded (see the module's doc)."""
-    if not ENABLED or triton_interpret() or getattr(launch._mode, "compile_only", False) \
-            or getattr(launch._mode, "recorder", None) is not None or launch.launch_hooks() != (None, None):
+    if not ENABLED or triton_interpret() or not launch.direct_launch_ok():
         return impl(ctx, *args)
     inputs = tuple(ctx.saved_tensors) + tuple(args) if backward else tuple(args)
     key = _key(ctx, inputs, backward)

@@ -11,9 +11,10 @@ from conftest import DEVICE, assert_rel
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def ref_norm(x, weight, eps, residual=None, gate=None):
-    """float64 reference: returns (y, x + residual)."""
-    h = x.double() + (residual.double() if residual is not None else 0)
+def ref_norm(x, weight, eps, residual=None, gate=None, act=None):
+    """float64 reference: returns (y, act(x) + residual)."""
+    h = F.silu(x.double()) if act == "silu" else x.double()
+    h = h + (residual.double() if residual is not None else 0)
     y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.double()
@@ -26,7 +27,7 @@ def leaf(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_()
 
 
-def run_case(shape, dtype, use_residual, prenorm, affine, gated, res_dtype=None):
+def run_case(shape, dtype, use_residual, prenorm, affine, gated, res_dtype=None, act=None):
     D = shape[-1]
     x = leaf(*shape, dtype=dtype)
     residual = leaf(*shape, dtype=res_dtype or dtype) if use_residual else None
@@ -38,9 +39,9 @@ def run_case(shape, dtype, use_residual, prenorm, affine, gated, res_dtype=None)
     if gated:
         out = rms_norm_gated(x, gate, weight, 1e-6, residual=residual, prenorm=prenorm)
     else:
-        out = rms_norm(x, weight, 1e-6, residual=residual, prenorm=prenorm)
+        out = rms_norm(x, weight, 1e-6, residual=residual, prenorm=prenorm, activation=act)
     y, new_res = out if prenorm else (out, None)
-    ref_y, ref_res = ref_norm(x, weight, 1e-6, residual, gate)
+    ref_y, ref_res = ref_norm(x, weight, 1e-6, residual, gate, act)
     tol = TOL[dtype]
     assert y.dtype == dtype
     assert_rel("y", y, ref_y, tol)
@@ -94,6 +95,24 @@ def test_rms_norm_gated_residual_bf16():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("shape,dtype", [((2, 19, 4, 100), torch.float32), ((300, 48), torch.float32),
+                                         ((3, 7, 4, 512), torch.bfloat16)])
+@pytest.mark.parametrize("use_residual,prenorm", [(False, False), (True, True), (False, True)])
+def test_rms_norm_silu_input(shape, dtype, use_residual, prenorm):
+    # the input activation (GSA's norm(silu(o))): gradients through silu' of the raw input; the
+    # residual's gradient is the norm's, without silu'
+    run_case(shape, dtype, use_residual, prenorm, affine=True, gated=False, act="silu")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("M,D", [(1000, 2048), (4099, 512), (70, 16384)])
+def test_rms_norm_backward_tiles(M, D):
+    # the backward's tiles of about 8K elements at the 1.3B model's sizes (rows split unevenly over
+    # the programs), with an fp32 residual as in a model's stream
+    run_case((M, D), torch.bfloat16, True, True, affine=True, gated=False, res_dtype=torch.float32)
+
+
+@pytest.mark.triton
 def test_modules_match_functional():
     norm = RMSNorm(100, eps=1e-5).to(DEVICE)
     with torch.no_grad():
@@ -106,6 +125,9 @@ def test_modules_match_functional():
     gated = FusedRMSNormGated(100).to(DEVICE)
     g = torch.randn_like(x)
     assert_rel("gated", gated(x, g), ref_norm(x, gated.weight, 1e-6, gate=g)[0], 1e-5)
+    act = RMSNorm(100, activation="silu").to(DEVICE)
+    assert_rel("silu", act(x), ref_norm(x, act.weight, 1e-6, act="silu")[0], 1e-5)
+    assert "activation='silu'" in repr(act)
     assert RMSNorm(8, elementwise_affine=False).weight is None
     assert RMSNorm(8, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
 
@@ -139,3 +161,7 @@ def test_bad_inputs():
         RMSNorm(100)(torch.randn(4, 64))
     with pytest.raises(ValueError, match="eps"):
         rms_norm(x, None, eps=-1.0)
+    with pytest.raises(ValueError, match="activation"):
+        rms_norm(x, None, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        RMSNorm(100, activation="relu")

@@ -46,13 +46,14 @@ DOCTESTED_HERE = [
     "fla_gsa.ops.common.chunk", "fla_gsa.ops.common.fused_recurrent", "fla_gsa.ops.common.naive",
     "fla_gsa.ops.gla.chunk", "fla_gsa.ops.gla.fused_recurrent", "fla_gsa.ops.gla.naive",
     "fla_gsa.ops.gsa.chunk", "fla_gsa.ops.gsa.fused_recurrent", "fla_gsa.ops.gsa.decode", "fla_gsa.ops.gsa.naive",
+    "fla_gsa.ops.gsa.inputs",
     "fla_gsa.ops.abc", "fla_gsa.ops.utils.cumsum", "fla_gsa.models.convert",
 ]
 # doctests run by other test files (tests/modules/test_docstrings.py, tests/layers/test_layers.py,
 # tests/models/test_models.py)
 DOCTESTED_ELSEWHERE = [
     "fla_gsa.modules.activations", "fla_gsa.modules.convolution", "fla_gsa.modules.cross_entropy",
-    "fla_gsa.modules.layernorm", "fla_gsa.modules.linear_cross_entropy", "fla_gsa.modules.mlp",
+    "fla_gsa.modules.layernorm", "fla_gsa.modules.linear", "fla_gsa.modules.linear_cross_entropy", "fla_gsa.modules.mlp",
     "fla_gsa.modules.rotary", "fla_gsa.layers.gsa", "fla_gsa.layers.gla", "fla_gsa.layers.abc",
     "fla_gsa.layers.attn", "fla_gsa.layers.cache", "fla_gsa.models.configuration", "fla_gsa.models.modeling",
 ]

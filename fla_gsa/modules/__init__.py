@@ -4,6 +4,7 @@ embeddings and the fused (linear) cross entropy. Each runs Triton kernels on CUD
 from fla_gsa.modules.activations import swiglu, swiglu_linear
 from fla_gsa.modules.convolution import ShortConvolution
 from fla_gsa.modules.cross_entropy import FusedCrossEntropyLoss, fused_cross_entropy
+from fla_gsa.modules.linear import fused_linear, linear, mm_fp32
 from fla_gsa.modules.linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from fla_gsa.modules.layernorm import FusedRMSNormGated, RMSNorm, rms_norm, rms_norm_gated
 from fla_gsa.modules.mlp import GatedMLP
@@ -22,6 +23,9 @@ __all__ = [
     "apply_rotary",
     "FusedCrossEntropyLoss",
     "fused_cross_entropy",
+    "linear",
+    "fused_linear",
+    "mm_fp32",
     "FusedLinearCrossEntropyLoss",
     "fused_linear_cross_entropy",
 ]

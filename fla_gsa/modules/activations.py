@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fla_gsa.modules.linear import mm_fp32
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
 from fla_gsa.ops.utils.launch import lean
@@ -100,22 +101,26 @@ class SwiGLULinearFunction(torch.autograd.Function):
     def forward(ctx, a, b, weight, bias):
         a, b = a.contiguous(), b.contiguous()
         h = _swiglu_fwd(a, b)
-        y = F.linear(h, weight.to(h.dtype), bias.to(h.dtype) if bias is not None else None)
-        ctx.save_for_backward(a, b, weight)
+        w = weight.to(h.dtype)  # kept for dh (cast once, as autocast would keep it)
+        y = F.linear(h, w, bias.to(h.dtype) if bias is not None else None)
+        ctx.save_for_backward(a, b, w)
+        ctx.w_dtype = weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        a, b, weight = ctx.saved_tensors
+        a, b, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = (dy2 @ weight.to(dy.dtype)).view(a.shape).contiguous()
+        dh = (dy2 @ w.to(dy.dtype)).view(a.shape).contiguous()
         dw = db_ = None
         if ctx.needs_input_grad[2]:
             # h recomputed (never kept) by the pass that forms da and db: a and b are read once
             da, db, h = _swiglu_bwd(a, b, dh.to(a.dtype), with_y=True)
-            dw = (dy2.t() @ h.reshape(-1, a.shape[-1]).to(dy.dtype)).to(weight.dtype)
+            dyt, h2 = dy2.t(), h.reshape(-1, a.shape[-1]).to(dy.dtype)
+            # an fp32 weight's gradient formed in fp32 by the product (not rounded to dy's dtype)
+            dw = mm_fp32(dyt, h2) if ctx.w_dtype == torch.float32 else (dyt @ h2).to(ctx.w_dtype)
         else:
             da, db = _swiglu_bwd(a, b, dh.to(a.dtype))
         if ctx.has_bias and ctx.needs_input_grad[3]:

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from fla_gsa.modules.activations import swiglu_linear
+from fla_gsa.modules.linear import fused_linear
 
 _SWISH = ("swish", "silu")
 
@@ -75,4 +76,6 @@ class GatedMLP(nn.Module):
         if x.ndim < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., {self.hidden_size}] (hidden_size), got {tuple(x.shape)}")
         # the down projection's input, swiglu(gate, up), is recomputed in the backward instead of kept
-        return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+        # (fp32 weight gradients under autocast: fla_gsa.modules.linear)
+        return swiglu_linear(fused_linear(x, [self.gate_proj]), fused_linear(x, [self.up_proj]),
+                             self.down_proj.weight, self.down_proj.bias)

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["activations", "convolution", "cross_entropy", "layernorm", "linear_cross_entropy", "mlp", "rotary"]
+MODULES = ["activations", "convolution", "cross_entropy", "layernorm", "linear", "linear_cross_entropy", "mlp", "rotary"]
 
 
 @pytest.mark.triton

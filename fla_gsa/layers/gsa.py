@@ -8,6 +8,11 @@
 The forget gate ``exp(g) = sigmoid(W_f x)^(1/τ)`` and the write ``s = 1 − exp(g)`` are tied: a slot
 that forgets little also writes little. τ (``gate_logit_normalizer``, 8) keeps the gates near 1 at
 initialization, so memories last for tens of tokens from the start.
+
+Without short convolutions the four input projections run as one matrix product (their weights
+concatenated) and :func:`fla_gsa.ops.gsa.inputs.gsa_inputs` forms ``q, k, v, s, g`` from it in one
+kernel; the output's ``silu`` runs inside the norm's kernels. Under autocast the projections' weight
+gradients are formed in fp32 (:mod:`fla_gsa.modules.linear`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import torch.nn.functional as F
 from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
 from fla_gsa.modules import RMSNorm
+from fla_gsa.modules.linear import fused_linear
 from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
+from fla_gsa.ops.gsa.inputs import gsa_inputs
 
 
 class GatedSlotAttention(RecurrentLayer):
@@ -89,7 +96,7 @@ class GatedSlotAttention(RecurrentLayer):
         H, K, M = self.num_kv_heads, self.head_dim, self.num_slots
         self.make_projections(hidden_size, attention_bias, use_short_conv, conv_size, conv_bias)
         self.f_proj = nn.Linear(hidden_size, H * M, bias=gate_bias)
-        self.g_norm = RMSNorm(K, eps=norm_eps)
+        self.g_norm = RMSNorm(K, eps=norm_eps, activation="silu")
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -97,21 +104,30 @@ class GatedSlotAttention(RecurrentLayer):
                 f"gate_logit_normalizer={self.gate_logit_normalizer}")
 
     def project(self, x):
-        return [self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)]
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.f_proj)
+        if self.convs is None:  # one product [q' | k' | v' | f], split by gsa_inputs in mix
+            return [fused_linear(x, linears)]
+        return [lin(x) for lin in linears]
 
     def mix(self, xs, initial_state, cu_seqlens, output_final_state):
-        q, k, v, f = xs
         K, M = self.head_dim, self.num_slots
-        q = F.silu(q.unflatten(-1, (-1, K)))  # swish feature maps
-        k = F.silu(k.unflatten(-1, (-1, K)))
-        v = F.silu(v.unflatten(-1, (-1, K)))
-        # gates in fp32: the chunked op sums them over a chunk
-        g = F.logsigmoid(f.unflatten(-1, (-1, M)).float()) / self.gate_logit_normalizer
-        s = (1 - g.exp()).to(q.dtype)
+        if len(xs) == 1:
+            sizes = tuple(lin.out_features for lin in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
+            q, k, v, s, g = gsa_inputs(xs[0], sizes, self.gate_logit_normalizer)
+            q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
+            s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))
+        else:
+            q, k, v, f = xs
+            q = F.silu(q.unflatten(-1, (-1, K)))  # swish feature maps
+            k = F.silu(k.unflatten(-1, (-1, K)))
+            v = F.silu(v.unflatten(-1, (-1, K)))
+            # gates in fp32: the chunked op sums them over a chunk
+            g = F.logsigmoid(f.unflatten(-1, (-1, M)).float()) / self.gate_logit_normalizer
+            s = (1 - g.exp()).to(q.dtype)
         op = fused_recurrent_gsa if self.op_mode(q.shape[1]) == "fused_recurrent" else chunk_gsa
         return op(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
     def output(self, o, x):
-        o = self.g_norm(F.silu(o))
-        return self.o_proj(o.flatten(-2))
+        o = self.g_norm(o)  # RMSNorm(silu(o)), the silu inside the norm's kernels
+        return fused_linear(o.flatten(-2), [self.o_proj])

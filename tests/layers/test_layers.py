@@ -154,24 +154,41 @@ def test_fused_recurrent_mode_equals_chunk(kind):
     assert_rel(kind, make(kind, mode="fused_recurrent")(x)[0], make(kind, mode="chunk")(x)[0], 1e-4)
 
 
-def test_gsa_layer_is_the_paper_formula():
+@pytest.mark.parametrize("B,T,kind,kw", [(2, 19, "gsa", {}), (3, 1, "gsa", {}), (2, 23, "gsa-mha-bias", {}),
+                                         (2, 23, "gsa", {"attention_bias": True})])
+def test_gsa_layer_is_the_paper_formula(B, T, kind, kw):
     """q, k = swish(W_q x), swish(W_k x); v = silu(W_v x); g = logsigmoid(W_f x)/τ; s = 1 − exp(g);
-    y = W_o RMSNorm(silu(o)), with GQA and the float64 reference recurrence."""
-    layer = make("gsa", gate_logit_normalizer=4.0)
+    y = W_o RMSNorm(silu(o)), with GQA and the float64 reference recurrence; outputs and the gradients
+    of x and every parameter. 38 or 46 tokens run the fused projection (concatenated weights, biases
+    with zeros for f's when only q, k, v have them), 3 tokens the separate products."""
+    layer = make(kind, gate_logit_normalizer=4.0, **kw)
     assert layer.scale == 1.0  # the paper's softmax(K̃ q) has no scale
-    x = x_of(2, 19)
-    with torch.no_grad():
-        d = lambda t: t.double()  # noqa: E731
-        xd = d(x)
-        q = F.silu(xd @ d(layer.q_proj.weight).T).unflatten(-1, (4, -1))
-        k = F.silu(xd @ d(layer.k_proj.weight).T).unflatten(-1, (2, -1))
-        v = F.silu(xd @ d(layer.v_proj.weight).T).unflatten(-1, (2, -1))
-        g = F.logsigmoid(xd @ d(layer.f_proj.weight).T).unflatten(-1, (2, -1)) / 4.0
-        o, _ = naive_recurrent_gsa(q, k, v, 1 - g.exp(), g, scale=1.0)
-        o = F.silu(o)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.g_norm.eps) * d(layer.g_norm.weight)
-        ref = o.flatten(-2) @ d(layer.o_proj.weight).T
-        assert_rel("gsa layer", layer(x)[0], ref, 1e-5)
+    x = x_of(B, T).requires_grad_()
+    params = dict(layer.named_parameters())
+    ref_params = {n: p.detach().double().requires_grad_() for n, p in params.items()}
+    P = ref_params
+    HQ, H = layer.num_heads, layer.num_kv_heads
+
+    def lin(name, t):
+        y = t @ P[f"{name}.weight"].T
+        return y + P[f"{name}.bias"] if f"{name}.bias" in P else y
+
+    xd = x.detach().double().requires_grad_()
+    q = F.silu(lin("q_proj", xd)).unflatten(-1, (HQ, -1))
+    k = F.silu(lin("k_proj", xd)).unflatten(-1, (H, -1))
+    v = F.silu(lin("v_proj", xd)).unflatten(-1, (H, -1))
+    g = F.logsigmoid(lin("f_proj", xd)).unflatten(-1, (H, -1)) / 4.0
+    o, _ = naive_recurrent_gsa(q, k, v, 1 - g.exp(), g, scale=1.0)
+    o = F.silu(o)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.g_norm.eps) * P["g_norm.weight"]
+    ref = lin("o_proj", o.flatten(-2))
+    y = layer(x)[0]
+    assert_rel("gsa layer", y, ref, 1e-5)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad((y.double() * dy).sum(), [x, *params.values()])
+    ref_grads = torch.autograd.grad((ref * dy).sum(), [xd, *ref_params.values()])
+    for name, a, b in zip(["x", *params], grads, ref_grads):
+        assert_rel(f"d{name}", a, b, 1e-4)
 
 
 def test_abc_slot_gates_match_the_op():

@@ -10,14 +10,14 @@ that forgets little also writes little. τ (``gate_logit_normalizer``, 8) keeps 
 initialization, so memories last for tens of tokens from the start.
 
 Without short convolutions the four input projections run as one matrix product (their weights
-concatenated) and :func:`fla_gsa.ops.gsa.inputs.gsa_inputs` forms ``q, k, v, s, g`` from it in one
-kernel; the output's ``silu`` runs inside the norm's kernels. Under autocast the projections' weight
+concatenated); :func:`fla_gsa.ops.gsa.inputs.gsa_inputs` forms ``q, k, v, s, g`` from it in one
+kernel (with them, from the convolved parts joined again); the output's ``silu`` runs inside the norm's kernels. Under autocast the projections' weight
 gradients are formed in fp32 (:mod:`fla_gsa.modules.linear`).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
@@ -111,19 +111,12 @@ class GatedSlotAttention(RecurrentLayer):
 
     def mix(self, xs, initial_state, cu_seqlens, output_final_state):
         K, M = self.head_dim, self.num_slots
-        if len(xs) == 1:
-            sizes = tuple(lin.out_features for lin in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
-            q, k, v, s, g = gsa_inputs(xs[0], sizes, self.gate_logit_normalizer)
-            q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
-            s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))
-        else:
-            q, k, v, f = xs
-            q = F.silu(q.unflatten(-1, (-1, K)))  # swish feature maps
-            k = F.silu(k.unflatten(-1, (-1, K)))
-            v = F.silu(v.unflatten(-1, (-1, K)))
-            # gates in fp32: the chunked op sums them over a chunk
-            g = F.logsigmoid(f.unflatten(-1, (-1, M)).float()) / self.gate_logit_normalizer
-            s = (1 - g.exp()).to(q.dtype)
+        # one formula for both paths: with short convolutions the four parts are joined first
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)
+        sizes = tuple(lin.out_features for lin in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
+        q, k, v, s, g = gsa_inputs(x, sizes, self.gate_logit_normalizer)
+        q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
+        s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))
         op = fused_recurrent_gsa if self.op_mode(q.shape[1]) == "fused_recurrent" else chunk_gsa
         return op(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -44,9 +44,9 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 class HalfLinearFunction(torch.autograd.Function):
-    # x in half precision; weights (fp32 masters under autocast) cast to x's dtype and concatenated.
-    # The cast weight is kept for dx, as autocast would keep it; the weight gradients come out in the
-    # weights' dtype from one product.
+    # x in half precision; fp32 weights (autocast's masters) cast to x's dtype and concatenated. The
+    # cast weight is kept for dx, as autocast would keep it; the weight gradients come out in fp32
+    # from one product.
     @staticmethod
     def forward(ctx, x, bias, *weights):
         w = torch.cat([wi.to(x.dtype) for wi in weights]) if len(weights) > 1 else weights[0].to(x.dtype)
@@ -54,7 +54,6 @@ class HalfLinearFunction(torch.autograd.Function):
             y = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
         ctx.save_for_backward(x, w)
         ctx.sizes = [wi.shape[0] for wi in weights]
-        ctx.w_dtypes = [wi.dtype for wi in weights]
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -68,10 +67,8 @@ class HalfLinearFunction(torch.autograd.Function):
             db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         dws = [None] * len(ctx.sizes)
         if any(ctx.needs_input_grad[2:]):
-            dyt, x2 = dy2.t(), x.reshape(-1, x.shape[-1])
-            dw = mm_fp32(dyt, x2) if torch.float32 in ctx.w_dtypes else dyt @ x2
-            dws = [d.to(dt) if ctx.needs_input_grad[2 + i] else None
-                   for i, (d, dt) in enumerate(zip(dw.split(ctx.sizes), ctx.w_dtypes))]
+            dw = mm_fp32(dy2.t(), x.reshape(-1, x.shape[-1]))
+            dws = [d if ctx.needs_input_grad[2 + i] else None for i, d in enumerate(dw.split(ctx.sizes))]
         return (dx, db, *dws)
 
 

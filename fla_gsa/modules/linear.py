@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fla_gsa.ops.utils.checks import check_tensor
+
 HALF = (torch.float16, torch.bfloat16)
 _OUT_DTYPE = {"ok": True}  # whether this PyTorch has matrix products with out_dtype
 
@@ -93,6 +95,18 @@ def linear(x: torch.Tensor, weights, bias: torch.Tensor | None = None) -> torch.
         True
     """
     weights = list(weights) if isinstance(weights, (list, tuple)) else [weights]
+    check_tensor(x, "x")
+    D = x.shape[-1] if x.ndim else None
+    for i, w in enumerate(weights):
+        check_tensor(w, f"weights[{i}]")
+        if w.ndim != 2 or w.shape[1] != D:
+            raise ValueError(f"weights[{i}] must have shape [N, {D}] (N outputs, x's last dimension), "
+                             f"got {tuple(w.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        N = sum(w.shape[0] for w in weights)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape [{N}] (the weights' outputs together), got {tuple(bias.shape)}")
     if x.is_cuda and torch.is_autocast_enabled("cuda") and all(w.dtype == torch.float32 for w in weights):
         dtype = torch.get_autocast_dtype("cuda")
         if dtype in HALF:

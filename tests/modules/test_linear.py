@@ -48,6 +48,18 @@ def test_linear_function():
     assert_rel("list", linear(x, [w[:4], w[4:]]), x.double() @ w.double().T, 1e-6)
 
 
+def test_linear_bad_inputs():
+    x, w = torch.randn(3, 12), torch.randn(9, 12)
+    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \[N, 12\]"):
+        linear(x, [w, torch.randn(4, 11)])
+    with pytest.raises(ValueError, match=r"bias must have shape \[13\]"):
+        linear(x, [w, torch.randn(4, 12)], torch.randn(9))
+    with pytest.raises(TypeError, match="x"):
+        linear(x.long(), w)
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        linear(x, [None])
+
+
 def test_hooked_or_wrapped_layers_are_called():
     lins = layers()
     calls = []

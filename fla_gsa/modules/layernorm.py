@@ -4,9 +4,12 @@
     y  = x' · rstd · w                 rstd = 1 / sqrt(mean(x'²) + eps), over the last dimension
     y  = y · swish(gate)               (gated variant; swish(g) = g · sigmoid(g))
 
-One forward kernel and one backward kernel serve both variants (``HAS_GATE``). The backward
-recomputes ``x'`` from ``x`` and ``residual`` (already held by autograd) instead of saving the sum, so
-only ``rstd`` (``[rows]``, fp32) is new memory between forward and backward. With ``rstd`` known,
+One forward kernel and one backward kernel serve both variants (``HAS_GATE``). With a residual whose
+sum the forward returns in fp32 (``prenorm``: the residual stream of a pre-norm block), the backward
+reads that sum, which the next block holds anyway, in place of ``x`` and ``residual``: ``x`` (a
+half-precision branch output) is then not kept at all, and the backward reads one fp32 tensor instead
+of two inputs. Otherwise it recomputes ``x'`` from ``x`` and ``residual``. Either way only ``rstd``
+(``[rows]``, fp32) is new memory between forward and backward. With ``rstd`` known,
 
     x̂ = x' · rstd,   dŷ = dy · w,   dx' = rstd · (dŷ − x̂ · mean(x̂ · dŷ)),   dw = Σ_rows dy · x̂
 
@@ -123,6 +126,20 @@ def rms_norm_bwd_kernel(
         tl.store(dw + i_p * D + o_d, b_dw, mask=m_d)
 
 
+@lean
+@triton.jit
+def sum_rows_kernel(x, y, P, D, BP: tl.constexpr, BD: tl.constexpr):
+    # y[d] = sum_p x[p, d] in fp32, stored in y's dtype: the backward's per-program partials of dw
+    o_d = tl.program_id(0) * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_s = tl.zeros([BD], dtype=tl.float32)
+    for i_p in range(0, P, BP):
+        o_p = i_p + tl.arange(0, BP)
+        m = (o_p < P)[:, None] & m_d[None, :]
+        b_s += tl.sum(tl.load(x + o_p[:, None] * D + o_d[None, :], mask=m, other=0), axis=0)
+    tl.store(y + o_d, b_s.to(y.dtype.element_ty), mask=m_d)
+
+
 def _tile(M: int, D: int) -> tuple[int, int]:
     BD = next_power_of_2(D)
     if BD > MAX_FUSED_SIZE:
@@ -172,16 +189,18 @@ def rms_norm_fwd(x, gate, weight, residual, eps, residual_dtype, x_silu=False):
     return y, residual_out, rstd
 
 
-def rms_norm_bwd(dy, dres_out, x, gate, weight, residual, rstd, need_dres, x_silu=False):
-    """Launch the backward kernel. Returns ``(dx, dgate, dweight, dresidual)`` (``None`` where absent)."""
+def rms_norm_bwd(dy, dres_out, x, gate, weight, residual, rstd, need_dres, x_silu=False, x_dtype=None):
+    """Launch the backward kernel. Returns ``(dx, dgate, dweight, dresidual)`` (``None`` where absent).
+    With ``x_dtype`` given, ``x`` is the forward's fp32 sum ``x + residual`` (``residual`` is None) and
+    ``dx`` comes back in ``x_dtype``, ``dresidual`` (with ``need_dres``) in fp32."""
     M, D = x.shape
     BM, BD, num_warps = _bwd_tile(M, D)
     P = min(cdiv(M, BM), _num_programs(x))
     rows_per_program = cdiv(cdiv(M, P), BM) * BM
     P = cdiv(M, rows_per_program)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=x_dtype)
     dgate = torch.empty_like(gate) if gate is not None else None
-    dres = torch.empty_like(residual) if need_dres else None
+    dres = (torch.empty_like(x) if x_dtype is not None else torch.empty_like(residual)) if need_dres else None
     dw = torch.empty(P, D, dtype=torch.float32, device=x.device) if weight is not None else None
     rms_norm_bwd_kernel[(P,)](
         x, residual, weight, gate, dy, dres_out, dx, dres, dgate, dw, rstd, M, rows_per_program,
@@ -189,7 +208,12 @@ def rms_norm_bwd(dy, dres_out, x, gate, weight, residual, rstd, need_dres, x_sil
         STORE_DRES=need_dres, HAS_WEIGHT=weight is not None, HAS_GATE=gate is not None, X_SILU=x_silu,
         num_warps=num_warps,
     )
-    dweight = dw.sum(0).to(weight.dtype) if weight is not None else None
+    dweight = None
+    if weight is not None:  # the partials summed by one small launch (torch.sum: a memset and a reduction)
+        dweight = torch.empty(D, dtype=weight.dtype, device=x.device)
+        # narrow column blocks, many rows per step: 128 programs at D = 2048, each with few steps
+        BDS = min(16, BD)
+        sum_rows_kernel[(cdiv(D, BDS),)](dw, dweight, P, D, BP=512, BD=BDS, num_warps=8)
     return dx, dgate, dweight, dres
 
 
@@ -200,6 +224,12 @@ class RMSNormFunction(torch.autograd.Function):
         x2, g2, r2 = _flat(x), _flat(gate), _flat(residual)
         w = weight.contiguous() if weight is not None else None
         y, residual_out, rstd = rms_norm_fwd(x2, g2, w, r2, eps, residual_dtype, x_silu)
+        # the fp32 sum returned to the caller serves the backward in place of x and residual (not after
+        # a silu: its derivative needs x)
+        ctx.x_dtype = None
+        if r2 is not None and residual_dtype == torch.float32 and not x_silu:
+            ctx.x_dtype = x.dtype
+            x2, r2 = residual_out, None
         ctx.save_for_backward(x2, g2, w, r2, rstd)
         ctx.set_materialize_grads(False)
         ctx.shape = shape
@@ -213,9 +243,9 @@ class RMSNormFunction(torch.autograd.Function):
         x, gate, weight, residual, rstd = ctx.saved_tensors
         dy = _flat(dy) if dy is not None else torch.zeros_like(x)
         dres_out = _flat(dres_out) if ctx.prenorm and dres_out is not None else None
-        need_dres = residual is not None and ctx.needs_input_grad[3]
+        need_dres = (residual is not None or ctx.x_dtype is not None) and ctx.needs_input_grad[3]
         dx, dgate, dweight, dres = rms_norm_bwd(dy, dres_out, x, gate, weight, residual, rstd, need_dres,
-                                                ctx.x_silu)
+                                                ctx.x_silu, ctx.x_dtype)
         shape = ctx.shape
         return (
             dx.view(shape),

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fla_gsa.modules import FusedRMSNormGated, RMSNorm, rms_norm, rms_norm_gated
+from fla_gsa.ops.utils.backend import use_triton
 from conftest import DEVICE, assert_rel
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -110,6 +111,35 @@ def test_rms_norm_backward_tiles(M, D):
     # the backward's tiles of about 8K elements at the 1.3B model's sizes (rows split unevenly over
     # the programs), with an fp32 residual as in a model's stream
     run_case((M, D), torch.bfloat16, True, True, affine=True, gated=False, res_dtype=torch.float32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_prenorm_backward_keeps_the_sum_not_x(x_dtype):
+    # with an fp32 stream the backward reads the returned sum: x itself is not saved (a half-precision
+    # branch output is freed after the forward); a bf16 stream keeps x and the residual
+    x = torch.randn(64, 256, device=DEVICE).to(x_dtype).requires_grad_()
+    w = torch.randn(256, device=DEVICE).requires_grad_()
+    if not use_triton(x):
+        pytest.skip("what the kernels' backward keeps (the PyTorch path's autograd keeps its own)")
+    for res_dtype, keeps_x in ((torch.float32, False), (x_dtype, True)):
+        r = torch.randn(64, 256, device=DEVICE).to(res_dtype).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, new_r = rms_norm(x, w, residual=r, prenorm=True)
+        ptrs = {t.untyped_storage().data_ptr() for t in saved}
+        if res_dtype == torch.float32 and x_dtype == torch.float32:
+            keeps_x = False
+        assert (x.untyped_storage().data_ptr() in ptrs) == keeps_x
+        if not keeps_x:
+            assert new_r.untyped_storage().data_ptr() in ptrs
+        dy, dr = torch.randn_like(y, dtype=torch.float64), torch.randn_like(new_r, dtype=torch.float64)
+        grads = torch.autograd.grad((y.double() * dy).sum() + (new_r.double() * dr).sum(), (x, r, w))
+        ref_y, ref_r = ref_norm(x, w, 1e-6, r)
+        ref = torch.autograd.grad((ref_y * dy).sum() + (ref_r * dr).sum(), (x, r, w))
+        for name, g, rg in zip(("x", "residual", "weight"), grads, ref):
+            assert g.dtype == {"x": x.dtype, "residual": r.dtype, "weight": w.dtype}[name]
+            assert_rel("d" + name, g, rg, TOL[x_dtype])
 
 
 @pytest.mark.triton

@@ -75,7 +75,8 @@ class GatedMLP(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., {self.hidden_size}] (hidden_size), got {tuple(x.shape)}")
-        # the down projection's input, swiglu(gate, up), is recomputed in the backward instead of kept
-        # (fp32 weight gradients under autocast: fla_gsa.modules.linear)
-        return swiglu_linear(fused_linear(x, [self.gate_proj]), fused_linear(x, [self.up_proj]),
+        # gate and up as one product [gate | up] (one dx product in the backward); the down projection's
+        # input, swiglu(gate, up), is recomputed in the backward instead of kept (fp32 weight gradients
+        # under autocast: fla_gsa.modules.linear)
+        return swiglu_linear(fused_linear(x, [self.gate_proj, self.up_proj]), None,
                              self.down_proj.weight, self.down_proj.bias)

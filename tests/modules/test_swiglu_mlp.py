@@ -64,6 +64,53 @@ def test_swiglu_linear(dtype, bias, frozen):
         assert_rel("d" + name, g, r, tol)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(3, 17, 2 * 100), (1, 2 * 1029), (5, 2 * 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_packed(shape, dtype):
+    # b=None: a holds [gate | up]; the result and one gradient for the whole tensor, against float64
+    ab = (2 * torch.randn(*shape, device=DEVICE)).to(dtype).requires_grad_()
+    ab0 = ab.detach().clone()
+    y = swiglu(ab)
+    g, u = ab.double().chunk(2, -1)
+    ref = F.silu(g) * u
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert_rel("y", y, ref, TOL[dtype])
+    dy = torch.randn_like(ref)
+    (d,) = torch.autograd.grad((y.double() * dy).sum(), ab)
+    (rd,) = torch.autograd.grad((ref * dy).sum(), ab)
+    assert d.shape == ab.shape
+    assert_rel("d[gate|up]", d, rd, TOL[dtype])
+    assert torch.equal(ab.detach(), ab0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_linear_packed(dtype):
+    # the packed form equals the pair form, values and every gradient, also from a strided [gate | up]
+    a = (3 * torch.randn(2, 37, 96, device=DEVICE)).to(dtype)
+    b = torch.randn(2, 37, 96, device=DEVICE).to(dtype)
+    w = (torch.randn(40, 96, device=DEVICE) / 10).requires_grad_()
+    wide = torch.cat([a, b, torch.randn_like(a)], -1)
+    ab = wide[..., :192].detach().requires_grad_()  # a view with row stride 288
+    y = swiglu_linear(ab, None, w)
+    ref = F.linear(F.silu(a.double()) * b.double(), w.double())
+    tol = 1e-6 if dtype == torch.float32 else 1.5e-2
+    assert_rel("y", y, ref, tol)
+    dy = torch.randn_like(ref)
+    dab, dw = torch.autograd.grad((y.double() * dy).sum(), (ab, w))
+    ad, bd = a.double().requires_grad_(), b.double().requires_grad_()
+    rda, rdb, rdw = torch.autograd.grad((F.linear(F.silu(ad) * bd, w.double()) * dy).sum(), (ad, bd, w))
+    assert dab.shape == ab.shape and dab.dtype == dtype and dw.dtype == w.dtype
+    assert_rel("da", dab[..., :96], rda, tol)
+    assert_rel("db", dab[..., 96:], rdb, tol)
+    assert_rel("dw", dw, rdw, tol)
+    with pytest.raises(ValueError, match=r"a must have shape \[..., 2C\]"):
+        swiglu_linear(torch.randn(3, 7), None, torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"weight must have shape \[O, 4\]"):
+        swiglu_linear(torch.randn(3, 8), None, torch.randn(5, 8))
+
+
 def test_swiglu_linear_saves_no_intermediate():
     # what autograd keeps: a, b and the weight, nothing of the [.., I] product
     a, b = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)

@@ -51,7 +51,11 @@ class HalfLinearFunction(torch.autograd.Function):
     # from one product.
     @staticmethod
     def forward(ctx, x, bias, *weights):
-        w = torch.cat([wi.to(x.dtype) for wi in weights]) if len(weights) > 1 else weights[0].to(x.dtype)
+        if len(weights) > 1:  # cast straight into the joined weight (no cast copies and a cat)
+            w = torch.empty(sum(wi.shape[0] for wi in weights), x.shape[-1], dtype=x.dtype, device=x.device)
+            torch._foreach_copy_(list(w.split([wi.shape[0] for wi in weights])), list(weights))
+        else:
+            w = weights[0].to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
         ctx.save_for_backward(x, w)

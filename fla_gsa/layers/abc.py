@@ -22,6 +22,7 @@ from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
 from fla_gsa.ops.gsa.abc_gates import abc_slot_gates_triton
 from fla_gsa.ops.gsa.utils import logcumsumexp_time
 from fla_gsa.ops.utils.backend import use_kernels
+from fla_gsa.ops.utils.checks import check_checkpoint_level
 
 # Log-sum-exp of "nothing yet" and the slot logit given to padding. Finite, so no inf − inf appears in
 # values or gradients; far enough below any clamped logit (|e| <= 32) that exp(NEG - z) is exactly 0 in
@@ -69,6 +70,8 @@ class ABCAttention(RecurrentLayer):
         num_slots: ``M`` memory slots per key/value head.
         norm_eps: epsilon of the gated output RMSNorm.
         mode: ``"chunk"`` or ``"fused_recurrent"`` (a single token always takes the recurrent step).
+        checkpoint_level: of the chunked op in training: 0 (default) keeps the chunk-boundary states for
+            the backward, 1 recomputes them there (less memory, a slower backward).
         scale: factor on the slot logits; default ``head_dim ** -0.5``.
         use_rope: rotary embedding on ``q`` and ``k`` (base ``rope_theta``).
         clamp_min, clamp_max: range of the slot logits.
@@ -94,6 +97,7 @@ class ABCAttention(RecurrentLayer):
         num_slots: int = 64,
         norm_eps: float = 1e-6,
         mode: str = "chunk",
+        checkpoint_level: int = 0,
         scale: float | None = None,
         use_rope: bool = True,
         rope_theta: float = 10000.0,
@@ -114,6 +118,7 @@ class ABCAttention(RecurrentLayer):
             raise ValueError(f"need {NEG / 2} < clamp_min < clamp_max < {-NEG / 2}, got {clamp_min}, {clamp_max}")
         self.clamp_min, self.clamp_max = float(clamp_min), float(clamp_max)
         self.mode = check_mode(mode)
+        self.checkpoint_level = check_checkpoint_level(checkpoint_level)
         self.scale = scale
         self.layer_idx = layer_idx
         self.use_short_conv = use_short_conv
@@ -124,6 +129,8 @@ class ABCAttention(RecurrentLayer):
         self.g_proj = nn.Linear(hidden_size, HQ * K, bias=False)
         self.rotary = RotaryEmbedding(K, base=rope_theta) if use_rope else None
         self.g_norm = FusedRMSNormGated(K, eps=norm_eps)
+
+    uses_positions = True  # rotary (packed beside q, k, v either way)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -149,9 +156,12 @@ class ABCAttention(RecurrentLayer):
         q, k, v = (x.unflatten(-1, (-1, K)) for x in (q, k, v))
         if self.rotary is not None and self.convs is not None:  # rotary after the convolutions
             q, k = rotate(self.rotary, q, k, positions)
-        op = fused_recurrent_gsa if self.op_mode(q.shape[1]) == "fused_recurrent" else chunk_gsa
-        return op(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        if self.op_mode(q.shape[1]) == "fused_recurrent":
+            return fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         checkpoint_level=self.checkpoint_level)
 
     def finish_extra(self, extra, old, p):
         return extra

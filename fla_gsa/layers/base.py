@@ -23,6 +23,9 @@ class RecurrentLayer(nn.Module):
     convolutions, ``self.convs`` (a ModuleList applied to the tensors :meth:`project` returns first).
     """
 
+    # whether prepare() or mix() reads the token positions (rotary); without a cache they are not made
+    uses_positions = False
+
     def __init__(self):
         super().__init__()
         self.convs: nn.ModuleList | None = None  # an instance attribute: a class one would hide the module
@@ -82,7 +85,9 @@ class RecurrentLayer(nn.Module):
         state = past_key_values[self.layer_idx] if past_key_values is not None else None
         B, T, _ = hidden_states.shape
         p = pack_mask(mask)
-        positions, new_positions = token_positions(state, mask, B, T, hidden_states.device)
+        positions = new_positions = None  # a few small launches per layer: only when read or cached
+        if use_cache or self.uses_positions:
+            positions, new_positions = token_positions(state, mask, B, T, hidden_states.device)
 
         xs = self.project(hidden_states)
         xs, extra = self.prepare(xs, state, mask, positions)

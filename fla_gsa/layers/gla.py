@@ -14,6 +14,7 @@ from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
 from fla_gsa.modules import FusedRMSNormGated
 from fla_gsa.ops import chunk_gla, fused_recurrent_gla
+from fla_gsa.ops.utils.checks import check_checkpoint_level
 
 
 class GatedLinearAttention(RecurrentLayer):
@@ -28,6 +29,8 @@ class GatedLinearAttention(RecurrentLayer):
         gate_low_rank_dim: rank of the forget-gate projection.
         norm_eps: epsilon of the gated output RMSNorm.
         mode: ``"chunk"`` or ``"fused_recurrent"`` (a single token always takes the recurrent step).
+        checkpoint_level: of the chunked op in training: 0 (default) keeps the chunk-boundary states for
+            the backward, 1 recomputes them there (less memory, a slower backward).
         scale: factor on ``q``; default ``head_dim ** -0.5``.
         attention_bias: biases on ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
         use_short_conv, conv_size, conv_bias: short convolutions on ``q``, ``k``, ``v``.
@@ -52,6 +55,7 @@ class GatedLinearAttention(RecurrentLayer):
         gate_low_rank_dim: int = 16,
         norm_eps: float = 1e-6,
         mode: str = "chunk",
+        checkpoint_level: int = 0,
         scale: float | None = None,
         attention_bias: bool = False,
         use_short_conv: bool = False,
@@ -68,6 +72,7 @@ class GatedLinearAttention(RecurrentLayer):
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         check_positive_int(gate_low_rank_dim, "gate_low_rank_dim")
         self.mode = check_mode(mode)
+        self.checkpoint_level = check_checkpoint_level(checkpoint_level)
         self.scale = scale
         self.layer_idx = layer_idx
         self.use_short_conv = use_short_conv
@@ -93,7 +98,8 @@ class GatedLinearAttention(RecurrentLayer):
             return fused_recurrent_gla(q, k, v, gk=gk, scale=self.scale, initial_state=initial_state,
                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         return chunk_gla(q, k, v, gk, scale=self.scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         checkpoint_level=self.checkpoint_level)
 
     def output(self, o, x):
         g = self.g_proj(x).unflatten(-1, (-1, self.head_dim))

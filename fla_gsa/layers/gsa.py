@@ -11,8 +11,9 @@ initialization, so memories last for tens of tokens from the start.
 
 Without short convolutions the four input projections run as one matrix product (their weights
 concatenated); :func:`fla_gsa.ops.gsa.inputs.gsa_inputs` forms ``q, k, v, s, g`` from it in one
-kernel (with them, from the convolved parts joined again); the output's ``silu`` runs inside the norm's kernels. Under autocast the projections' weight
-gradients are formed in fp32 (:mod:`fla_gsa.modules.linear`).
+kernel (with them, from the convolved parts joined again); the output's ``silu`` runs inside the
+norm's kernels. Under autocast the projections' weight gradients are formed in fp32
+(:mod:`fla_gsa.modules.linear`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fla_gsa.modules import RMSNorm
 from fla_gsa.modules.linear import fused_linear
 from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
 from fla_gsa.ops.gsa.inputs import gsa_inputs
+from fla_gsa.ops.utils.checks import check_checkpoint_level
 
 
 class GatedSlotAttention(RecurrentLayer):
@@ -41,6 +43,8 @@ class GatedSlotAttention(RecurrentLayer):
         norm_eps: epsilon of the output RMSNorm.
         mode: ``"chunk"`` (training, prefill) or ``"fused_recurrent"``; a single token always takes the
             fused recurrent step.
+        checkpoint_level: of the chunked op in training: 0 (default) keeps the chunk-boundary states for
+            the backward, 1 recomputes them there (less memory, a slower backward).
         scale: factor on the slot logits ``K̃_t q_t``; default 1, as in the paper's formula and
             flash-linear-attention's layer (``None``: ``head_dim ** -0.5``).
         attention_bias: biases on ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``.
@@ -72,6 +76,7 @@ class GatedSlotAttention(RecurrentLayer):
         gate_logit_normalizer: float = 8.0,
         norm_eps: float = 1e-6,
         mode: str = "chunk",
+        checkpoint_level: int = 0,
         scale: float | None = 1.0,
         attention_bias: bool = False,
         gate_bias: bool = False,
@@ -89,6 +94,7 @@ class GatedSlotAttention(RecurrentLayer):
             raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer!r}")
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         self.mode = check_mode(mode)
+        self.checkpoint_level = check_checkpoint_level(checkpoint_level)
         self.scale = scale
         self.layer_idx = layer_idx
         self.use_short_conv = use_short_conv
@@ -117,9 +123,12 @@ class GatedSlotAttention(RecurrentLayer):
         q, k, v, s, g = gsa_inputs(x, sizes, self.gate_logit_normalizer)
         q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
         s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))
-        op = fused_recurrent_gsa if self.op_mode(q.shape[1]) == "fused_recurrent" else chunk_gsa
-        return op(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        if self.op_mode(q.shape[1]) == "fused_recurrent":
+            return fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         checkpoint_level=self.checkpoint_level)
 
     def output(self, o, x):
         o = self.g_norm(o)  # RMSNorm(silu(o)), the silu inside the norm's kernels

@@ -58,6 +58,9 @@ class HybridConfig(PretrainedConfig):
         rope_theta: rotary base.
         attn_mode: ``"chunk"`` or ``"fused_recurrent"``, the op mode of recurrent layers for more than
             one token (one token always takes the fused recurrent step).
+        checkpoint_level: of the recurrent layers' chunked ops in training: 0 keeps the chunk-boundary
+            states for the backward (GSA: ``2 · H · K · M`` elements of the compute dtype per 64 tokens,
+            128 MiB per layer at 16K tokens of the 1.3B shape), 1 recomputes them there.
         intermediate_size: MLP width; default from ``hidden_ratio`` (SwiGLU, rounded to 256).
         hidden_ratio: used when ``intermediate_size`` is None.
         hidden_act: MLP activation (``"swish"``).
@@ -105,6 +108,7 @@ class HybridConfig(PretrainedConfig):
         use_rope: bool = True,
         rope_theta: float = 10000.0,
         attn_mode: str = "chunk",
+        checkpoint_level: int = 0,
         intermediate_size: int | None = None,
         hidden_ratio: float = 4,
         hidden_act: str = "swish",
@@ -139,6 +143,7 @@ class HybridConfig(PretrainedConfig):
         self.use_rope = use_rope
         self.rope_theta = rope_theta
         self.attn_mode = attn_mode
+        self.checkpoint_level = checkpoint_level
         self.intermediate_size = intermediate_size
         self.hidden_ratio = hidden_ratio
         self.hidden_act = hidden_act
@@ -151,6 +156,8 @@ class HybridConfig(PretrainedConfig):
         kinds = normalize_layer_types(layer_types, num_hidden_layers, self.default_layer_type)
         if attn_mode not in ("chunk", "fused_recurrent"):
             raise ValueError(f"attn_mode must be 'chunk' or 'fused_recurrent', got {attn_mode!r}")
+        if checkpoint_level not in (0, 1):
+            raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         # Set after the base __init__: transformers >= 5 validates `layer_types` there against its own

@@ -36,7 +36,8 @@ def build_token_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
     if getattr(config, "attn_scale", None) is not None:
         common["scale"] = float(config.attn_scale)
     conv = dict(use_short_conv=config.use_short_conv, conv_size=config.conv_size, conv_bias=config.conv_bias,
-                mode=config.attn_mode, norm_eps=config.rms_norm_eps)
+                mode=config.attn_mode, norm_eps=config.rms_norm_eps,
+                checkpoint_level=getattr(config, "checkpoint_level", 0))
     if kind == "gsa":
         return GatedSlotAttention(num_slots=config.num_slots, gate_logit_normalizer=config.gate_normalizer(kind),
                                   gate_bias=config.gate_bias, **common, **conv)

@@ -219,6 +219,30 @@ def test_bad_inputs_raise():
         GatedSlotAttention(hidden_size=D, num_heads=3, num_kv_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="mode"):
         GatedLinearAttention(hidden_size=D, num_heads=2, mode="parallel")
+    for kind in ("gsa", "gla", "abc"):
+        with pytest.raises(ValueError, match="checkpoint_level must be 0 or 1, got 2"):
+            KINDS[kind](checkpoint_level=2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["gsa", "gla", "abc", "gsa-conv"])
+def test_checkpoint_levels_agree(kind):
+    # keeping the chunk states (0, the layers' default) or recomputing them (1): same output, same
+    # gradients of x and of every parameter
+    layer = make(kind)
+    assert layer.checkpoint_level == 0
+    x = x_of(2, 70).requires_grad_()
+    dy = torch.randn(2, 70, D, device=DEVICE)
+    runs = []
+    for level in (0, 1):
+        layer.checkpoint_level = level
+        o = layer(x)[0]
+        leaves = [x] + list(layer.parameters())
+        runs.append((o, torch.autograd.grad((o * dy).sum(), leaves)))
+    (o0, g0), (o1, g1) = runs
+    assert_rel("o", o1, o0, 1e-6)
+    for name, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], g1, g0):
+        assert_rel("d" + name, a, b, 1e-6)
 
 
 def test_cache_batch_ops():

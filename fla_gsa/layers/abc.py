@@ -18,7 +18,6 @@ import torch.nn as nn
 from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads, rotate
 from fla_gsa.modules import FusedRMSNormGated, RotaryEmbedding
-from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
 from fla_gsa.ops.gsa.abc_gates import abc_slot_gates_triton
 from fla_gsa.ops.gsa.utils import logcumsumexp_time
 from fla_gsa.ops.utils.backend import use_kernels
@@ -156,12 +155,7 @@ class ABCAttention(RecurrentLayer):
         q, k, v = (x.unflatten(-1, (-1, K)) for x in (q, k, v))
         if self.rotary is not None and self.convs is not None:  # rotary after the convolutions
             q, k = rotate(self.rotary, q, k, positions)
-        if self.op_mode(q.shape[1]) == "fused_recurrent":
-            return fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-        return chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                         checkpoint_level=self.checkpoint_level)
+        return self.gsa_op(q, k, v, s, g, initial_state, cu_seqlens, output_final_state)
 
     def finish_extra(self, extra, old, p):
         return extra

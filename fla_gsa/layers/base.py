@@ -7,9 +7,18 @@ import torch
 import torch.nn as nn
 
 from fla_gsa.layers.cache import Cache, LayerState
-from fla_gsa.layers.utils import (check_layer_input, gather_rows, pack, pack_mask, require_layer_idx,
-                                  scatter_rows, token_positions, unpack)
+from fla_gsa.layers.utils import (
+    check_layer_input,
+    gather_rows,
+    pack,
+    pack_mask,
+    require_layer_idx,
+    scatter_rows,
+    token_positions,
+    unpack,
+)
 from fla_gsa.modules import ShortConvolution
+from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
 
 
 class RecurrentLayer(nn.Module):
@@ -75,6 +84,16 @@ class RecurrentLayer(nn.Module):
     def op_mode(self, T: int) -> str:
         # one token: the fused recurrent step (a single kernel for GSA); otherwise the configured mode
         return "fused_recurrent" if T == 1 else self.mode
+
+    def gsa_op(self, q, k, v, s, g, initial_state, cu_seqlens, output_final_state: bool):
+        """The GSA op of the GSA and ABC layers: the fused recurrent step or the chunked op (with the
+        layer's ``scale`` and ``checkpoint_level``)."""
+        if self.op_mode(q.shape[1]) == "fused_recurrent":
+            return fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         checkpoint_level=self.checkpoint_level)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool = False, **kwargs):

@@ -24,7 +24,6 @@ from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
 from fla_gsa.modules import RMSNorm
 from fla_gsa.modules.linear import fused_linear
-from fla_gsa.ops import chunk_gsa, fused_recurrent_gsa
 from fla_gsa.ops.gsa.inputs import gsa_inputs
 from fla_gsa.ops.utils.checks import check_checkpoint_level
 
@@ -123,12 +122,7 @@ class GatedSlotAttention(RecurrentLayer):
         q, k, v, s, g = gsa_inputs(x, sizes, self.gate_logit_normalizer)
         q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
         s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))
-        if self.op_mode(q.shape[1]) == "fused_recurrent":
-            return fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-        return chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                         checkpoint_level=self.checkpoint_level)
+        return self.gsa_op(q, k, v, s, g, initial_state, cu_seqlens, output_final_state)
 
     def output(self, o, x):
         o = self.g_norm(o)  # RMSNorm(silu(o)), the silu inside the norm's kernels

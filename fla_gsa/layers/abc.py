@@ -87,6 +87,8 @@ class ABCAttention(RecurrentLayer):
         torch.Size([2, 10, 64])
     """
 
+    uses_positions = True  # rotary (packed beside q, k, v either way)
+
     def __init__(
         self,
         hidden_size: int = 1024,
@@ -128,8 +130,6 @@ class ABCAttention(RecurrentLayer):
         self.g_proj = nn.Linear(hidden_size, HQ * K, bias=False)
         self.rotary = RotaryEmbedding(K, base=rope_theta) if use_rope else None
         self.g_norm = FusedRMSNormGated(K, eps=norm_eps)
-
-    uses_positions = True  # rotary (packed beside q, k, v either way)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "

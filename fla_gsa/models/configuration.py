@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from fla_gsa.ops.utils.checks import check_checkpoint_level
+
 LAYER_TYPES = ("gsa", "gla", "abc", "attention")
 # transformers >= 5 rewrites the legacy name "attention" to "full_attention" in some code paths
 _ALIASES = {"full_attention": "attention"}
@@ -156,8 +158,7 @@ class HybridConfig(PretrainedConfig):
         kinds = normalize_layer_types(layer_types, num_hidden_layers, self.default_layer_type)
         if attn_mode not in ("chunk", "fused_recurrent"):
             raise ValueError(f"attn_mode must be 'chunk' or 'fused_recurrent', got {attn_mode!r}")
-        if checkpoint_level not in (0, 1):
-            raise ValueError(f"checkpoint_level must be 0 or 1, got {checkpoint_level!r}")
+        check_checkpoint_level(checkpoint_level)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         # Set after the base __init__: transformers >= 5 validates `layer_types` there against its own

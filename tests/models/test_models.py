@@ -261,6 +261,8 @@ def test_config_validation():
         GSAConfig(num_hidden_layers=3, layer_types=["gsa", "gla"])
     with pytest.raises(ValueError, match="attn_mode"):
         GSAConfig(attn_mode="parallel")
+    with pytest.raises(ValueError, match="checkpoint_level must be 0 or 1, got 2"):
+        GSAConfig(checkpoint_level=2)
     cfg = GSAConfig(num_hidden_layers=2, layer_types=["gsa", "full_attention"])
     assert cfg.layer_types == ["gsa", "attention"]
     model = tiny_model()

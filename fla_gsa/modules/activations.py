@@ -30,9 +30,22 @@ from fla_gsa.ops.utils.triton_utils import cdiv
 TILE = 4096
 
 
-def _tile(C: int) -> tuple[int, int]:
+def _plan(R: int, C: int) -> tuple[tuple[int], int, int, int]:
+    """``(grid, NC, BR, BC)`` of a launch over ``[R, C]``: tiles of ``BR`` rows and ``BC`` columns,
+    ``NC`` column blocks per row block."""
     BC = min(1024, triton.next_power_of_2(C))
-    return max(1, TILE // BC), BC
+    BR = max(1, TILE // BC)
+    NC = cdiv(C, BC)
+    return (cdiv(R, BR) * NC,), NC, BR, BC
+
+
+@triton.jit
+def _rows_cols(R, C, NC, BR: tl.constexpr, BC: tl.constexpr):
+    """This program's rows (int64, ``[BR, 1]``), columns (``[1, BC]``) and their mask."""
+    i_r, i_c = tl.program_id(0) // NC, tl.program_id(0) % NC
+    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    return o_r[:, None], o_c[None, :], (o_r < R)[:, None] & (o_c < C)[None, :]
 
 
 @lean
@@ -40,15 +53,12 @@ def _tile(C: int) -> tuple[int, int]:
 def swiglu_fwd_kernel(a, b, y, R, C, s_ab, NC, BR: tl.constexpr, BC: tl.constexpr):
     # a, b: [R, C] views with row stride s_ab (the two halves of one [R, 2C] tensor, or two
     # contiguous tensors); y: contiguous [R, C]
-    i_r, i_c = tl.program_id(0) // NC, tl.program_id(0) % NC
-    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m = (o_r < R)[:, None] & (o_c < C)[None, :]
-    o_ab = o_r[:, None] * s_ab + o_c[None, :]
+    o_r, o_c, m = _rows_cols(R, C, NC, BR, BC)
+    o_ab = o_r * s_ab + o_c
     b_a = tl.load(a + o_ab, mask=m, other=0).to(tl.float32)
     b_b = tl.load(b + o_ab, mask=m, other=0).to(tl.float32)
     b_y = b_a * tl.sigmoid(b_a) * b_b
-    tl.store(y + o_r[:, None] * C + o_c[None, :], b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(y + o_r * C + o_c, b_y.to(y.dtype.element_ty), mask=m)
 
 
 @lean
@@ -58,13 +68,8 @@ def swiglu_bwd_kernel(a, b, dy, da, db, y, R, C, s_ab, s_d, NC, BR: tl.constexpr
     # da, db: [R, C] views with row stride s_d (halves of one gradient, or two tensors); dy, y: [R, C].
     # STORE_Y: also write the forward's output silu(a) · b (for a following linear layer's weight
     # gradient) while a and b are loaded anyway
-    i_r, i_c = tl.program_id(0) // NC, tl.program_id(0) % NC
-    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m = (o_r < R)[:, None] & (o_c < C)[None, :]
-    o_ab = o_r[:, None] * s_ab + o_c[None, :]
-    o_y = o_r[:, None] * C + o_c[None, :]
-    o_d = o_r[:, None] * s_d + o_c[None, :]
+    o_r, o_c, m = _rows_cols(R, C, NC, BR, BC)
+    o_ab, o_y, o_d = o_r * s_ab + o_c, o_r * C + o_c, o_r * s_d + o_c
     b_a = tl.load(a + o_ab, mask=m, other=0).to(tl.float32)
     b_b = tl.load(b + o_ab, mask=m, other=0).to(tl.float32)
     b_dy = tl.load(dy + o_y, mask=m, other=0).to(tl.float32)
@@ -96,10 +101,9 @@ def _swiglu_fwd(a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
     R, C = a.shape
     y = torch.empty(R, C, dtype=a.dtype, device=a.device)
-    BR, BC = _tile(C)
-    NC = cdiv(C, BC)
+    grid, NC, BR, BC = _plan(R, C)
     if R * C:
-        swiglu_fwd_kernel[(cdiv(R, BR) * NC,)](a, b, y, R, C, a.stride(0), NC, BR=BR, BC=BC, num_warps=8)
+        swiglu_fwd_kernel[grid](a, b, y, R, C, a.stride(0), NC, BR=BR, BC=BC, num_warps=8)
     return y
 
 
@@ -120,11 +124,10 @@ def _swiglu_bwd(a, b, dy, packed, with_y=False):
     else:
         da, db, s_d = torch.empty(R, C, dtype=a.dtype, device=a.device), torch.empty_like(dy, dtype=b.dtype), C
     y = torch.empty(R, C, dtype=a.dtype, device=a.device) if with_y else None
-    BR, BC = _tile(C)
-    NC = cdiv(C, BC)
+    grid, NC, BR, BC = _plan(R, C)
     if R * C:
-        swiglu_bwd_kernel[(cdiv(R, BR) * NC,)](a, b, dy, da, db, y, R, C, a.stride(0), s_d, NC, BR=BR, BC=BC,
-                                               STORE_Y=with_y, num_warps=8)
+        swiglu_bwd_kernel[grid](a, b, dy, da, db, y, R, C, a.stride(0), s_d, NC, BR=BR, BC=BC, STORE_Y=with_y,
+                                num_warps=8)
     grads = (d, None) if packed else (da, db)
     return (*grads, y) if with_y else grads
 

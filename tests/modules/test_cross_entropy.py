@@ -179,10 +179,26 @@ def test_linear_cross_entropy_bad_inputs():
         fused_linear_cross_entropy(h, w, y, chunk_size=0)
 
 
+def test_default_chunk_size():
+    from fla_gsa.modules import linear_cross_entropy as lce
+
+    # the 1.3B model's head: a buffer the size of h would be 1024 rows; 4096 rows keep the fp32 weight
+    # gradient's traffic per chunk small next to the chunk's product
+    assert lce.default_chunk_size(16384, 2048, 32000) == lce.MIN_CHUNK_ROWS == 4096
+    assert lce.default_chunk_size(16384, 2048, 128256) == 4096  # 1.05e9 bytes of bf16 logits
+    assert lce.default_chunk_size(16384, 2048, 262144) == 2048  # 4096 rows would pass the memory cap
+    assert lce.default_chunk_size(16384, 2048, 262144, element_size=4) == 1024
+    assert lce.default_chunk_size(65536, 8192, 32000) == 16384  # the size of h when that is larger
+    assert lce.default_chunk_size(1024, 64, 4096) == 1024  # never more than N (rounded up)
+    assert lce.default_chunk_size(1000, 64, 4096) == 1024 and lce.default_chunk_size(1, 64, 4096) == 1
+    assert lce.default_chunk_size(16384, 64, 2**31) == 1  # a vocabulary larger than the cap: one row
+
+
 def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
     from fla_gsa.modules import linear_cross_entropy as lce
 
-    assert lce.default_chunk_size(1024, 64, 4096) == 16
+    monkeypatch.setattr(lce, "MIN_CHUNK_ROWS", 1)  # the size of h: 2 rows here
+    assert lce.default_chunk_size(64, 8, 256) == 2
     shapes = []
     linear = F.linear
 
@@ -197,9 +213,14 @@ def test_linear_cross_entropy_never_forms_full_logits(monkeypatch):
     weight = torch.randn(V, D, device=DEVICE, requires_grad=True)
     labels = make_labels(N, V)
     loss = fused_linear_cross_entropy(hidden, weight, labels)
+    assert max(s[0] for s in shapes) == lce.default_chunk_size(N, D, V) == 2
     monkeypatch.undo()
-    assert max(s[0] for s in shapes) == lce.default_chunk_size(N, D, V) < N
     assert_rel("loss", loss, ref_linear_ce(hidden, weight, labels), 1e-5)
+    # 32 chunks: the first writes the weight gradient, the others add to it
+    got = torch.autograd.grad(loss, (hidden, weight))
+    ref = torch.autograd.grad(ref_linear_ce(hidden, weight, labels), (hidden, weight))
+    for name, g, r in zip(("dhidden", "dweight"), got, ref):
+        assert_rel(name, g, r, 1e-5)
 
 
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])

@@ -74,6 +74,12 @@ def write_csv(rows: list[dict], folder: str, name: str) -> None:
         w.writerows(rows)
 
 
+def alloc_retries(device) -> int:
+    """Allocations so far that failed and were retried after freeing the cache (each one stalls the
+    GPU); 0 off CUDA."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def run(name, size, vocab, B, T, steps, warmup, device):
     model = build_model(name, size, vocab).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -96,7 +102,7 @@ def run(name, size, vocab, B, T, steps, warmup, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.type == "cuda" else 0
+    retries0 = alloc_retries(device)
     try:
         from tqdm import tqdm
         it = tqdm(range(steps), desc=name, unit="step", leave=False)
@@ -112,8 +118,7 @@ def run(name, size, vocab, B, T, steps, warmup, device):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    # allocations that failed and were retried after freeing the cache (each one stalls the GPU)
-    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0 if device.type == "cuda" else 0
+    retries = alloc_retries(device) - retries0
     finite = all(math.isfinite(v) for v in losses)
     return dict(model=name, params_m=params / 1e6, B=B, T=T, tokens_per_s=B * T / statistics.median(times),
                 tokens_per_s_mean=steps * B * T / dt, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,

@@ -10,10 +10,11 @@ that forgets little also writes little. τ (``gate_logit_normalizer``, 8) keeps 
 initialization, so memories last for tens of tokens from the start.
 
 Without short convolutions the four input projections run as one matrix product (their weights
-concatenated); :func:`fla_gsa.ops.gsa.inputs.gsa_inputs` forms ``q, k, v, s, g`` from it in one
-kernel (with them, from the convolved parts joined again); the output's ``silu`` runs inside the
-norm's kernels. Under autocast the projections' weight gradients are formed in fp32
-(:mod:`fla_gsa.modules.linear`).
+concatenated); with them, the convolved parts are joined again. :func:`fla_gsa.ops.gsa.inputs.gsa_inputs`
+forms ``q, k, v, s, g`` from that projection in one kernel; the chunked mode hands the projection to
+:func:`fla_gsa.ops.chunk_gsa_projected` instead (the same kernel inside the op, whose backward writes the
+projection's gradient directly). The output's ``silu`` runs inside the norm's kernels. Under autocast
+the projections' weight gradients are formed in fp32 (:mod:`fla_gsa.modules.linear`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fla_gsa.layers.base import RecurrentLayer
 from fla_gsa.layers.utils import check_mode, check_positive_int, resolve_heads
 from fla_gsa.modules import RMSNorm
 from fla_gsa.modules.linear import fused_linear
+from fla_gsa.ops.gsa.chunk import chunk_gsa_projected
 from fla_gsa.ops.gsa.inputs import gsa_inputs
 from fla_gsa.ops.utils.checks import check_checkpoint_level
 
@@ -119,6 +121,11 @@ class GatedSlotAttention(RecurrentLayer):
         # one formula for both paths: with short convolutions the four parts are joined first
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)
         sizes = tuple(lin.out_features for lin in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
+        if self.op_mode(x.shape[1]) == "chunk":  # the feature maps and gates inside the op (its backward
+            # writes the projection's gradient directly)
+            return chunk_gsa_projected(x, sizes, K, self.gate_logit_normalizer, scale=self.scale,
+                                       initial_state=initial_state, output_final_state=output_final_state,
+                                       cu_seqlens=cu_seqlens, checkpoint_level=self.checkpoint_level)
         q, k, v, s, g = gsa_inputs(x, sizes, self.gate_logit_normalizer)
         q, k, v = (t.unflatten(-1, (-1, K)) for t in (q, k, v))
         s, g = s.unflatten(-1, (-1, M)), g.unflatten(-1, (-1, M))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_rel, rel_err
 
-from fla_gsa.ops import chunk_gla, chunk_gsa, fused_recurrent_gla, fused_recurrent_gsa
+from fla_gsa.ops import chunk_gla, chunk_gsa, chunk_gsa_projected, fused_recurrent_gla, fused_recurrent_gsa, gsa_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda"
@@ -97,6 +97,23 @@ def test_gsa_chunk_vs_recurrent_fp32_gqa():
     chunk = lambda q, k, v, s, g: chunk_gsa(q, k, v, s, g)[0]  # noqa: E731
     rec = lambda q, k, v, s, g: fused_recurrent_gsa(q, k, v, s, g)[0]  # noqa: E731
     _compare(chunk, rec, [q, k, v, s, g], 1e-4, "q k v s g".split())
+
+
+@pytest.mark.parametrize("tau", [1.0, 8.0])
+def test_gsa_projected_paper_shape(tau):
+    # the 1.3B layer's projection [q' | k' | v' | f] (H = 4, K = V = 512, M = 64), 4 x 4096: bf16 against
+    # fp32, and fp32 against gsa_inputs then chunk_gsa (the same function by the other route)
+    sizes, H, K = (2048, 2048, 2048, 256), 4, 512
+    x = _leaves(torch.randn(4, 4096, sum(sizes), device=DEV) * 2)
+    def proj(x, dtype=torch.float32):
+        return chunk_gsa_projected(x.to(dtype), sizes, K, tau, checkpoint_level=0)[0]
+
+    def composed(x):
+        q, k, v, s, g = (t.unflatten(-1, (H, -1)) for t in gsa_inputs(x, sizes, tau))
+        return chunk_gsa(q, k, v, s, g)[0]
+
+    _compare(lambda x: proj(x, torch.bfloat16), proj, x, 1e-2, ["x"])
+    _compare(proj, composed, x, 1e-4, ["x"])
 
 
 def test_gsa_long_strong_gates_finite():

@@ -104,7 +104,8 @@ def _unpack(y, no_diag, decayed):
 
 def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
               need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32), softmax_q=None, dv_acc=None,
-              dg_acc=None, decayed_input=None, decay_dh=False, dh_input=None, decay_dq=False, defer_dg=False):
+              dg_acc=None, decayed_input=None, decay_dh=False, dh_input=None, decay_dq=False, defer_dg=False,
+              silu=None):
     """Gradients ``(dq, dk, dv, dgk, dgv, dh0, dqd)``: ``dq, dk, dv`` in the dtypes of ``q, k, v`` (written
     so by the kernels), ``dgk, dgv`` in ``gate_dtypes``, ``dh0`` fp32. Fusions for a caller that chains
     passes: ``softmax_q`` (with ``q = softmax_q``, a softmax's output) returns the gradient of that
@@ -115,7 +116,11 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
     dtype (else None), the input of the next pass's ``dh_input``. Decayed scans (one gate):
     ``decayed_input`` as in :func:`chunk_fwd`, for recomputing ``h``; ``decay_dh``: the state gradients'
     scan reads the gated one of ``q``, ``do`` times ``e^G`` (``chunk_bwd_dh(decayed=True)``): that is
-    ``dh_input`` if the caller has it, else made here (``decay_fwd``, one launch)."""
+    ``dh_input`` if the caller has it, else made here (``decay_fwd``, one launch). ``silu``: a dict
+    that may map ``"q"``, ``"k"``, ``"v"`` to ``(pre, out)`` where that input is ``silu(pre)`` (``pre``
+    a view of a fused projection): its gradient kernel stores the gradient of ``pre`` into the view
+    ``out`` instead (returned in its place; see :func:`chunk_apply_lower`)."""
+    silu = silu or {}
     if dg_acc is not None and need_dgk and need_dgv:
         raise ValueError("dg_acc goes to one gate gradient; both were asked for")
     B, T, H = k.shape[:3]
@@ -134,13 +139,13 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
     fuse = Gv is None and lower_fuses_scores(k.shape[-1], softmax_q)
     dA = scores_buffer(do, chunk_size) if fuse else chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
     dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
-                           acc=dv_acc)
+                           acc=dv_acc, silu=silu.get("v"))
     dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
                            no_diag=need_dgk, softmax=softmax_q, decayed_dtype=cdt if decay_dq else None,
-                           scores_from=v if fuse else None)
+                           scores_from=v if fuse else None, silu=silu.get("q"))
     dq, dq_nd, dqd = _unpack(dq, need_dgk, decay_dq)
     dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk)
+                           no_diag=need_dgk, silu=silu.get("k"))
     dgk = dgv = None
     if need_dgk:
         dk, dk_nd, dk_st = dk

@@ -38,7 +38,8 @@ from fla_gsa.ops.common.chunk_scores import ungated_scores
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.launch import lean
-from fla_gsa.ops.utils.triton_utils import broadcast_lt, cdiv, chunk_bounds, load_row, load_tile, next_pow2, store_tile, tl_dtype
+from fla_gsa.ops.utils.triton_utils import (broadcast_lt, cdiv, chunk_bounds, load_row, load_tile, next_pow2, silu_grad,
+                                            store_rows, store_tile, tl_dtype)
 
 
 # rows per program when the summed side is gated (the diagonal block: one product, or row by row). GSA
@@ -56,6 +57,11 @@ GATED_BLOCK = 32
 # of GATED_BLOCK rows in turn, masked over the chunk's tiles) was slower: GSA 1.474 / 1.543 / 1.674 (8
 # warps; 4: 1.516 / 1.578 / 1.713), GLA +0.17 ms.
 WIDE_MIN_PROGRAMS = 512
+# Warps of a launch that stores the gradient of a silu's input (``silu``: one more tile read per block of
+# columns, 181-185 registers a thread in the wide form, against 109-136). GSA's three such launches in
+# chunk_gsa_projected on an H100 (bf16, 4 x 4096, H = 4, K = V = 512, M = 64), wide, us each: 4 warps
+# 165 / 198 / 165, 8 warps 136 / 136 / 136, 16 warps 216-223; one column block per program 135-204.
+SILU_WARPS = 8
 
 @triton.jit
 def _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, o_p, m_p,
@@ -93,10 +99,20 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 
 
 @triton.jit
-def _lower_wide(p, gp, hm, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ: tl.constexpr, i_h, H: tl.constexpr, scale,
-                DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr, BT: tl.constexpr,
+def _store_y(y, pre, b_y, bos, o_r, m_r, head, SR: tl.constexpr, DY: tl.constexpr, o_y, m_y, DACT: tl.constexpr):
+    """Store rows ``o_r`` of ``y`` (rows ``SR`` elements apart): as they are, or (``DACT``: ``y`` is the
+    gradient of ``silu(x)``) times ``silu'(x)``, ``x`` read from ``pre`` (same layout), the gradient of
+    the activation's input."""
+    if DACT:
+        b_y = silu_grad(b_y, pre, bos, o_r, m_r, head, SR, DY, o_y, m_y)
+    store_rows(y, b_y, bos, o_r, m_r, head, SR, DY, o_y, m_y)
+
+
+@triton.jit
+def _lower_wide(p, gp, hm, x, A, y, y_nd, pre, bos, t0, o_i, m_i, i_hq, HQ: tl.constexpr, i_h, H: tl.constexpr,
+                scale, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr, BT: tl.constexpr,
                 BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr, STORE_ND: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, SR: tl.constexpr, DACT: tl.constexpr):
     """The lower kernel on a whole chunk of ungated rows (``BC == BT``, ``DP <= BP``) and every block of
     ``Y`` columns: the gated ``P``, the scores and their diagonal are loaded once for all blocks."""
     o_p = tl.arange(0, BP)
@@ -116,14 +132,14 @@ def _lower_wide(p, gp, hm, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ: tl.conste
         if STORE_ND:
             store_tile(y_nd, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
         b_y += b_aii[:, None] * b_x.to(tl.float32)
-        store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+        _store_y(y, pre, b_y, bos, o_i, m_i, i_hq, SR, DY, o_y, m_y, DACT)
 
 
 @triton.jit
-def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_h, H: tl.constexpr,
+def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, pre, bos, t0, o_j, m_j, last, i_h, H: tl.constexpr,
                 G: tl.constexpr, scale, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr,
                 BT: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, USE_GP: tl.constexpr, STORE_ND: tl.constexpr,
-                USE_ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                USE_ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SR: tl.constexpr, DACT: tl.constexpr):
     """The upper kernel on a whole chunk of ungated rows (``BC == BT``, ``DP <= BP``) and every block of
     ``Y`` columns: the gated ``P`` (and, without GQA, the scores) are loaded once for all blocks."""
     HQ: tl.constexpr = H * G
@@ -159,18 +175,18 @@ def _upper_wide(p, gp, hm, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_
         b_y += b_s + b_diag
         if USE_ACC:
             b_y += load_tile(acc, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)
-        store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+        _store_y(y, pre, b_y, bos, o_j, m_j, i_h, SR, DY, o_y, m_y, DACT)
 
 
 @lean
 @triton.jit
 def chunk_apply_lower_kernel(
-    p, gp, hm, x, gy, A, ka, y, y_nd, sp, yd, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, ka, y, y_nd, sp, yd, pre, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, SOFTMAX: tl.constexpr,
-    STORE_DECAYED: tl.constexpr, FUSE_A: tl.constexpr, WIDE: tl.constexpr,
+    STORE_DECAYED: tl.constexpr, FUSE_A: tl.constexpr, WIDE: tl.constexpr, SR: tl.constexpr, DACT: tl.constexpr,
 ):
     i_y, i_tc, i_bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -193,8 +209,8 @@ def chunk_apply_lower_kernel(
 
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
     if WIDE:
-        _lower_wide(p, gp, p_m, x, A, y, y_nd, bos, t0, o_i, m_i, i_hq, HQ, i_h, H, scale, DP, DY, S_P, S_Y, BT, BP,
-                    BY, USE_GP, STORE_ND, DT, PREC)
+        _lower_wide(p, gp, p_m, x, A, y, y_nd, pre, bos, t0, o_i, m_i, i_hq, HQ, i_h, H, scale, DP, DY, S_P, S_Y, BT,
+                    BP, BY, USE_GP, STORE_ND, DT, PREC, SR, DACT)
         return
     b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, False, 0, DT, PREC)
@@ -259,7 +275,7 @@ def chunk_apply_lower_kernel(
     if SOFTMAX == 2:  # Y is the gradient of a softmax's output sp: store the gradient of its input
         b_sp = load_tile(sp, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y).to(tl.float32)
         b_y = b_sp * (b_y - tl.sum(b_sp * b_y, axis=1)[:, None])
-    store_tile(y, b_y, bos, o_i, m_i, i_hq, HQ, DY, o_y, m_y)
+    _store_y(y, pre, b_y, bos, o_i, m_i, i_hq, SR, DY, o_y, m_y, DACT)
     if STORE_DECAYED:  # also Y ⊙ e^{Gy} (USE_GY): the gated input of a decayed backward scan (chunk_bwd_dh)
         store_tile(yd, b_y.to(y.dtype.element_ty).to(tl.float32) * tl.exp(b_gy), bos, o_i, m_i, i_hq, HQ, DY, o_y,
                    m_y)
@@ -268,11 +284,12 @@ def chunk_apply_lower_kernel(
 @lean
 @triton.jit
 def chunk_apply_upper_kernel(
-    p, gp, hm, x, gy, A, y, y_nd, y_st, acc, cu_seqlens, chunk_indices, scale, T,
+    p, gp, hm, x, gy, A, y, y_nd, y_st, acc, pre, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, DY: tl.constexpr, S_P: tl.constexpr,
     S_Y: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr,
     USE_GP: tl.constexpr, USE_GY: tl.constexpr, STORE_ND: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, DIAG_MAX: tl.constexpr, USE_ACC: tl.constexpr, WIDE: tl.constexpr,
+    SR: tl.constexpr, DACT: tl.constexpr,
 ):
     i_y, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -294,8 +311,8 @@ def chunk_apply_upper_kernel(
 
     p_m = hm + (i_tg.to(tl.int64) * H + i_h) * DP * DY
     if WIDE:
-        _upper_wide(p, gp, p_m, x, A, y, y_nd, y_st, acc, bos, t0, o_j, m_j, last, i_h, H, G, scale, DP, DY, S_P, S_Y,
-                    BT, BP, BY, USE_GP, STORE_ND, USE_ACC, DT, PREC)
+        _upper_wide(p, gp, p_m, x, A, y, y_nd, y_st, acc, pre, bos, t0, o_j, m_j, last, i_h, H, G, scale, DP, DY,
+                    S_P, S_Y, BT, BP, BY, USE_GP, STORE_ND, USE_ACC, DT, PREC, SR, DACT)
         return
     b_s = scale * _state_product(p, gp, p_m, bos, o_j, m_j, i_h, H, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
                                  BC, BP, BY, USE_GP, True, last, DT, PREC)
@@ -356,11 +373,11 @@ def chunk_apply_upper_kernel(
     b_y += b_s + b_diag
     if USE_ACC:  # another gradient of the same input, added here instead of by a separate launch
         b_y += load_tile(acc, bos, o_j, m_j, i_h, H, DY, o_y, m_y).to(tl.float32)
-    store_tile(y, b_y, bos, o_j, m_j, i_h, H, DY, o_y, m_y)
+    _store_y(y, pre, b_y, bos, o_j, m_j, i_h, SR, DY, o_y, m_y, DACT)
 
 
 def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype,
-           compute_dtype, no_diag, softmax=None, acc=None, decayed_dtype=None, scores_from=None):
+           compute_dtype, no_diag, softmax=None, acc=None, decayed_dtype=None, scores_from=None, silu=None):
     B, T, _, DP = p.shape
     DY = x.shape[-1]
     HQ = A.shape[2]
@@ -369,7 +386,11 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     NT, indices = chunk_grid(cu_seqlens, T, BT)
     # m is [NT, H, K, V]; lower/upper read it as [DP, DY] through strides
     S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
-    y = p.new_empty(B, T, heads, DY, dtype=out_dtype)
+    if silu is None:
+        y, pre, SR = p.new_empty(B, T, heads, DY, dtype=out_dtype), None, heads * DY
+    else:  # y is the gradient of silu(pre): store the gradient of pre, into the view given
+        pre, y = silu
+        SR = _silu_row_stride(pre, y, (B, T, heads, DY))
     y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
@@ -380,22 +401,35 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     grid = (1 if wide else cdiv(DY, BY), NT * (BT // BC), B * heads)
     if upper:
         extra = dict(USE_ACC=acc is not None)
-        pointers = (y, y_nd, y_st, acc)
+        pointers = (y, y_nd, y_st, acc, pre)
     else:
         extra = dict(SOFTMAX=0 if softmax is None else 1 if softmax is True else 2,
                      STORE_DECAYED=yd is not None, FUSE_A=scores_from is not None)
-        pointers = (scores_from, y, y_nd, softmax if isinstance(softmax, torch.Tensor) else None, yd)
+        pointers = (scores_from, y, y_nd, softmax if isinstance(softmax, torch.Tensor) else None, yd, pre)
     kernel[grid](
         p, gp, m, x, gy, A, *pointers, cu_seqlens, indices, scale, T,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
-        WIDE=wide, num_warps=4, **extra,
+        WIDE=wide, SR=SR, DACT=silu is not None, num_warps=4 if silu is None else SILU_WARPS, **extra,
     )
     out = (y, y_nd, y_st) if upper else (y, y_nd)
     out = out if no_diag else out[:1]
     out = out + (yd,) if yd is not None else out
     return out if len(out) > 1 else y
+
+
+def _silu_row_stride(pre, y, shape) -> int:
+    """The row stride shared by ``pre`` and ``y`` (views ``[B, T, heads, D]`` of wider rows, ``silu`` of
+    :func:`chunk_apply_lower` / :func:`chunk_apply_upper`), checked."""
+    B, T, heads, D = shape
+    SR = pre.stride(1)
+    want = (T * SR, SR, D, 1)
+    for name, t in (("pre", pre), ("out", y)):
+        if tuple(t.shape) != shape or any(n > 1 and st != w for n, st, w in zip(shape, t.stride(), want)):
+            raise ValueError(f"silu: {name} must be a [{B}, {T}, {heads}, {D}] view with strides {want}, got shape "
+                             f"{tuple(t.shape)} and strides {t.stride()}")
+    return SR
 
 
 def _wide(DP, BP, DY, BY, programs, plain) -> bool:
@@ -417,7 +451,7 @@ def lower_fuses_scores(DY, softmax=None) -> bool:
 
 
 def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False, softmax=None, decayed_dtype=None, scores_from=None):
+                      transpose_m=False, no_diag=False, softmax=None, decayed_dtype=None, scores_from=None, silu=None):
     """Lower apply: ``y [B, T, HQ, DY]`` from ``p [B, T, HQ, DP]``, states ``m [NT, H, ., .]``,
     ``x [B, T, H, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
     ``no_diag``: also return ``y`` without the ``j == i`` terms (fp32). ``softmax``: True stores
@@ -427,22 +461,28 @@ def chunk_apply_lower(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dty
     ``y``, in that dtype, last: the gated input of a decayed backward scan (``chunk_bwd_dh(decayed=True)``).
     ``scores_from`` (``[B, T, H, DP]``, with ``gp`` None and :func:`lower_fuses_scores`): the kernel makes
     the ungated scores ``A = scale * p scores_from^T`` itself (``chunk_scores``' values) and writes them
-    into ``A``, an empty ``[B, T, HQ, BT]`` fp32 buffer, for later launches."""
+    into ``A``, an empty ``[B, T, HQ, BT]`` fp32 buffer, for later launches. ``silu = (pre, out)``: ``y``
+    is the gradient of ``silu(pre)``; the kernel stores ``y ⊙ silu'(pre)`` into ``out`` (returned as
+    ``y``), both ``[B, T, HQ, DY]`` views of rows wider than ``HQ * DY`` (parts of a fused projection and
+    its gradient); not with ``softmax`` or ``decayed_dtype``."""
     if decayed_dtype is not None and gy is None:
         raise ValueError("chunk_apply_lower: decayed_dtype needs gy")
+    if silu is not None and (softmax is not None or decayed_dtype is not None):
+        raise ValueError("chunk_apply_lower: silu goes with neither softmax nor decayed_dtype")
     if scores_from is not None and (gp is not None or not lower_fuses_scores(x.shape[-1], softmax)):
         raise ValueError("chunk_apply_lower: scores_from needs gp None and one block of y columns")
     return _apply(chunk_apply_lower_kernel, p.shape[2], x.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
                   cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, softmax=softmax,
-                  decayed_dtype=decayed_dtype, scores_from=scores_from)
+                  decayed_dtype=decayed_dtype, scores_from=scores_from, silu=silu)
 
 
 def chunk_apply_upper(p, gp, m, x, gy, A, scale, cu_seqlens, chunk_size, out_dtype, compute_dtype,
-                      transpose_m=False, no_diag=False, acc=None):
+                      transpose_m=False, no_diag=False, acc=None, silu=None):
     """Upper apply: ``y [B, T, H, DY]`` from ``p [B, T, H, DP]``, state gradients ``m [NT, H, ., .]``,
     ``x [B, T, HQ, DY]``, scores ``A [B, T, HQ, BT]`` and optional gate cumsums ``gp``/``gy``.
     ``no_diag``: also return the intra-chunk part without the ``i == j`` terms and the state part
     (``scale * (P ⊙ gate) @ M ⊙ gate``), both fp32: ``y = y_st + y_nd + diagonal``. ``acc`` (``y``'s
-    shape, or None) is added to ``y`` (not to the parts)."""
+    shape, or None) is added to ``y`` (not to the parts). ``silu = (pre, out)``: as in
+    :func:`chunk_apply_lower` (``[B, T, H, DY]`` views)."""
     return _apply(chunk_apply_upper_kernel, p.shape[2], p.shape[2], p, gp, m, transpose_m, x, gy, A, scale,
-                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, acc=acc)
+                  cu_seqlens, chunk_size, out_dtype, compute_dtype, no_diag, acc=acc, silu=silu)

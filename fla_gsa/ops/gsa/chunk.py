@@ -18,10 +18,11 @@ import torch
 
 from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
 from fla_gsa.ops.common.chunk_h import chunk_fwd_h_slots
+from fla_gsa.ops.gsa.inputs import gsa_gates_bwd, gsa_inputs, gsa_inputs_fwd
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils import replay
 from fla_gsa.ops.utils.backend import use_kernels
-from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size
+from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_tensor
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
 from fla_gsa.ops.utils.precompile import precompile
 
@@ -52,11 +53,24 @@ class ChunkGSAFunction(torch.autograd.Function):
 
 
 def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
+    o, hkt, hvt, saved, ctx.meta = _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
+                                                chunk_size, checkpoint_level, ctx.needs_input_grad[4])
+    ctx.save_for_backward(*saved)
+    return o, hkt, hvt
+
+
+def _backward(ctx, do, dhkt, dhvt):
+    dq, dk, dv, ds, dg, dhk0, dhv0 = _gsa_backward(ctx.saved_tensors, ctx.meta, do, dhkt, dhvt)
+    return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
+
+
+def _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level,
+                 need_dg):
+    """Both passes forward: ``(o, hkt, hvt, tensors to save, meta)``."""
     q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
     hk0 = hk0.contiguous() if hk0 is not None else None
     hv0 = hv0.contiguous() if hv0 is not None else None
     fuse = s.shape[-1] <= FUSED_SOFTMAX_MAX_SLOTS
-    need_dg = ctx.needs_input_grad[4]
     cdt = compute_dtype(k, s, q)
     decayed = DECAYED_SCANS and compute_dtype(s, v) == cdt  # one decayed s serves both passes
     states_k = states_v = pd = None
@@ -79,15 +93,18 @@ def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens
     _, _, hv, Av, o, _, hvt, _ = chunk_fwd(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
                                            chunk_size, v.dtype, False, G, decayed_input=sd, states=states_v)
     keep = checkpoint_level == 0
-    ctx.save_for_backward(q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0,
-                          cu_seqlens, None if keep else sd, pd)
-    ctx.meta = (scale, chunk_size, fuse, need_dg, g.dtype, decayed, cdt)
-    return o, hkt, hvt
+    saved = (q, k, v, s, G, p, hk if keep else None, hv if keep else None, Ak, Av, ok_nd, hk0, hv0, cu_seqlens,
+             None if keep else sd, pd)
+    return o, hkt, hvt, saved, (scale, chunk_size, fuse, need_dg, g.dtype, decayed, cdt)
 
 
-def _backward(ctx, do, dhkt, dhvt):
-    q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = ctx.saved_tensors
-    scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = ctx.meta
+def _gsa_backward(saved, meta, do, dhkt, dhvt, silu=None):
+    """Both passes backward: ``(dq, dk, dv, ds, dg, dhk0, dhv0)``. ``silu``: where ``q``, ``k``, ``v``
+    are ``silu`` of a fused projection's parts, ``{"q": (pre, out), "k": ..., "v": ...}``: their kernels
+    store the gradients of those parts into the views ``out`` instead (see ``chunk_bwd``)."""
+    q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = saved
+    scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = meta
+    silu = silu or {}
     do = do.contiguous()
     if decayed and hk is None:  # recompute both passes' states, in one launch
         hk, hv, _, _ = chunk_fwd_h_slots(k, v, sd, G, hk0, hv0, False, cu_seqlens, chunk_size, cdt)
@@ -97,7 +114,8 @@ def _backward(ctx, do, dhkt, dhvt):
     dok, ds, dv, dg, _, dhv0, dokd = chunk_bwd(
         p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
         cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
-        decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True)
+        decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True,
+        silu={"v": silu["v"]} if "v" in silu else None)
     del hv  # a recomputed one is freed before pass K's backward
     if not fuse:
         dok = p * (dok - (p * dok).sum(-1, keepdim=True))
@@ -105,10 +123,10 @@ def _backward(ctx, do, dhkt, dhvt):
     dq, dk, ds, _, dg, dhk0, _ = chunk_bwd(
         q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
         cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
-        decayed_input=sd, decay_dh=decayed, dh_input=dokd)
+        decayed_input=sd, decay_dh=decayed, dh_input=dokd, silu={n: silu[n] for n in ("q", "k") if n in silu})
     dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
     dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
-    return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
+    return dq, dk, dv, ds, dg, dhk0, dhv0
 
 
 def chunk_gsa(
@@ -196,3 +214,133 @@ def chunk_gsa(
     o, hv = chunk_linear_attn_unchecked(p, s, v, g, None, 1.0, hv0, output_final_state, cu_seqlens,
                                         chunk_size, v.dtype, checkpoint_level)
     return o, ((hk, hv) if output_final_state else None)
+
+
+class ChunkGSAProjectedFunction(torch.autograd.Function):
+    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
+    @staticmethod
+    def forward(ctx, *args):
+        return replay.run(_projected_forward, ctx, args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return replay.run(_projected_backward, ctx, grads, backward=True)
+
+
+def _parts(x, sizes, heads):
+    """``x``'s four parts ``[q' | k' | v' | f]`` as ``[B, T, heads, D]`` views (no copies)."""
+    out, start = [], 0
+    for d, n in zip(sizes, heads):
+        out.append(x[..., start:start + d].unflatten(-1, (n, d // n)))
+        start += d
+    return out
+
+
+def _projected_forward(ctx, x, DQ, DK, DV, DF, HQ, H, tau, scale, hk0, hv0, output_final_state, cu_seqlens,
+                       chunk_size, checkpoint_level):
+    x = x.contiguous()
+    B, T, W = x.shape
+    sizes, heads = (DQ, DK, DV, DF), (HQ, H, H, H)
+    q, k, v, s, g = (t.view(B, T, n, -1) for t, n in zip(gsa_inputs_fwd(x.view(B * T, W), sizes, tau), heads + (H,)))
+    need = ctx.needs_input_grad[0]
+    o, hkt, hvt, saved, meta = _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
+                                            chunk_size, checkpoint_level, need)
+    ctx.save_for_backward(x, *saved)
+    ctx.meta = (meta, tau, sizes, heads)
+    return o, hkt, hvt
+
+
+def _projected_backward(ctx, do, dhkt, dhvt):
+    x, *saved = ctx.saved_tensors
+    meta, tau, sizes, heads = ctx.meta
+    B, T, W = x.shape
+    dx = torch.empty_like(x)
+    pre, out = _parts(x, sizes, heads), _parts(dx, sizes, heads)
+    # the gradient kernels of q, k, v store the gradients of their projections' parts into dx
+    _, _, _, ds, dg, dhk0, dhv0 = _gsa_backward(saved, meta, do, dhkt, dhvt,
+                                                silu={n: (pre[i], out[i]) for i, n in enumerate("qkv")})
+    gsa_gates_bwd(x.view(B * T, W), ds.view(B * T, -1), dg.view(B * T, -1), dx.view(B * T, W), sizes, tau)
+    return dx, None, None, None, None, None, None, None, None, dhk0, dhv0, None, None, None, None, None
+
+
+def chunk_gsa_projected(
+    x: torch.Tensor,
+    sizes: tuple[int, int, int, int],
+    head_dim: int,
+    gate_logit_normalizer: float = 8.0,
+    scale: float | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    checkpoint_level: int = 1,
+    chunk_size: int = 64,
+):
+    r"""A GSA layer's token mixing from its fused input projection: :func:`gsa_inputs` then :func:`chunk_gsa`
+    as one op.
+
+    The result is ``chunk_gsa(q, k, v, s, g, ...)`` with ``q, k, v, s, g = gsa_inputs(x, sizes, τ)``
+    (``q, k, v`` split into heads of ``head_dim``, ``s, g`` into the key/value heads). On the kernel
+    path the backward's kernels that make the gradients of ``q``, ``k`` and ``v`` apply ``silu'`` and
+    write straight into the projection's gradient, so neither those three gradients nor a second pass
+    over ``x`` are made; one small launch adds the gate part.
+
+    Args:
+        x: ``[B, T, DQ + DK + DV + DF]``, the projection ``[q' | k' | v' | f]``.
+        sizes: ``(DQ, DK, DV, DF)`` = ``(HQ * K, H * K, H * V, H * M)``.
+        head_dim: ``K``, the width of a query or key head (``DQ`` and ``DK`` multiples of it).
+        gate_logit_normalizer: ``τ`` in ``g = logsigmoid(f) / τ``.
+        scale, initial_state, output_final_state, cu_seqlens, checkpoint_level, chunk_size: as in
+            :func:`chunk_gsa`.
+
+    Returns:
+        ``(o [B, T, HQ, V], (hk, hv) or None)``, as :func:`chunk_gsa`.
+
+    Example:
+        >>> import torch
+        >>> from fla_gsa.ops import chunk_gsa, chunk_gsa_projected, gsa_inputs
+        >>> sizes = (4 * 16, 2 * 16, 2 * 16, 2 * 8)     # HQ = 4, H = 2, K = V = 16, M = 8
+        >>> x = torch.randn(2, 50, sum(sizes))
+        >>> o, _ = chunk_gsa_projected(x, sizes, head_dim=16)
+        >>> q, k, v, s, g = gsa_inputs(x, sizes)
+        >>> ref, _ = chunk_gsa(q.unflatten(-1, (4, 16)), k.unflatten(-1, (2, 16)), v.unflatten(-1, (2, 16)),
+        ...                    s.unflatten(-1, (2, 8)), g.unflatten(-1, (2, 8)))
+        >>> o.shape, bool(torch.allclose(o, ref, atol=1e-5))
+        (torch.Size([2, 50, 4, 16]), True)
+    """
+    HQ, H, K, M = _projected_heads(x, sizes, head_dim)
+    q, k, v, f = _parts(x, sizes, (HQ, H, H, H))
+    # the checks of chunk_gsa on views of x's parts (the shapes, device and states it will get; f for s and g)
+    _, scale, hk0, hv0 = check_gsa(q, k, v, f, f, scale, initial_state, cu_seqlens)
+    check_chunk_size(chunk_size)
+    check_checkpoint_level(checkpoint_level)
+    if use_kernels(x) and x.dtype != torch.float64:
+        args = (x, *sizes, HQ, H, float(gate_logit_normalizer), scale, hk0, hv0, output_final_state, cu_seqlens,
+                chunk_size, checkpoint_level)
+        precompile(ChunkGSAProjectedFunction, *args)
+        o, hk, hv = ChunkGSAProjectedFunction.apply(*args)
+        return o, ((hk, hv) if output_final_state else None)
+    q, k, v, s, g = gsa_inputs(x, sizes, gate_logit_normalizer)
+    q, k, v = q.unflatten(-1, (HQ, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, -1))
+    return chunk_gsa(q, k, v, s.unflatten(-1, (H, M)), g.unflatten(-1, (H, M)), scale, initial_state,
+                     output_final_state, cu_seqlens, checkpoint_level, chunk_size)
+
+
+def _projected_heads(x, sizes, head_dim):
+    """``(HQ, H, K, M)`` of :func:`chunk_gsa_projected`'s arguments, checked."""
+    check_tensor(x, "x", 3, "[B, T, DQ + DK + DV + DF]")
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 4
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes)):
+        raise ValueError(f"sizes must be four positive ints (DQ, DK, DV, DF), got {sizes!r}")
+    if x.shape[-1] != sum(sizes):
+        raise ValueError(f"x must have shape [B, T, {sum(sizes)}] (DQ + DK + DV + DF of sizes {tuple(sizes)}), "
+                         f"got {tuple(x.shape)}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    DQ, DK, DV, DF = sizes
+    if DQ % head_dim or DK % head_dim:
+        raise ValueError(f"sizes: DQ = {DQ} and DK = {DK} must be multiples of head_dim = {head_dim}")
+    HQ, H = DQ // head_dim, DK // head_dim
+    if DV % H or DF % H:
+        raise ValueError(f"sizes: DV = {DV} and DF = {DF} must be multiples of the key/value heads H = DK / "
+                         f"head_dim = {H}")
+    return HQ, H, head_dim, DF // H

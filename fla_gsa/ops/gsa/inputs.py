@@ -123,14 +123,32 @@ def _outputs(x2, sizes):
             new(DF, torch.float32))
 
 
+def gsa_inputs_fwd(x2, sizes, tau):
+    """The forward kernel: ``(q, k, v, s, g)`` as ``[N, D]`` tensors from a ``[N, W]`` projection."""
+    q, k, v, s, g = _outputs(x2, sizes)
+    grid, ints = _launch_args(x2.shape[0], sizes)
+    gsa_inputs_fwd_kernel[grid](x2, q, k, v, s, g, *ints, 1.0 / tau, BR=BR, BC=BC, num_warps=4)
+    return q, k, v, s, g
+
+
+def gsa_gates_bwd(x2, ds, dg, dx, sizes, tau):
+    """The backward kernel on the gate part alone: ``dx[:, DQ + DK + DV:] = df`` from ``ds, dg`` (``[N,
+    DF]``), for a caller whose kernels wrote the other parts of ``dx`` themselves."""
+    N = x2.shape[0]
+    DF = sizes[3]
+    _, ints = _launch_args(N, sizes)
+    grid = (cdiv(N, BR), cdiv(DF, BC))
+    # no column blocks of q, k, v: every program takes the gate branch (their pointers are not read)
+    gsa_inputs_bwd_kernel[grid](x2, ds, ds, ds, ds, dg, dx, *ints[:-3], 0, 0, 0, 1.0 / tau, BR=BR, BC=BC,
+                                num_warps=4)
+
+
 class GSAInputsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, tau):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        q, k, v, s, g = _outputs(x2, sizes)
-        grid, ints = _launch_args(x2.shape[0], sizes)
-        gsa_inputs_fwd_kernel[grid](x2, q, k, v, s, g, *ints, 1.0 / tau, BR=BR, BC=BC, num_warps=4)
+        q, k, v, s, g = gsa_inputs_fwd(x2, sizes, tau)
         ctx.save_for_backward(x2)
         ctx.sizes, ctx.tau, ctx.shape = sizes, tau, shape
         return tuple(t.view(*shape, t.shape[-1]) for t in (q, k, v, s, g))

@@ -63,6 +63,25 @@ def store_tile(ptr, value, bos, o_t, m_t, head, NH: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def silu_grad(dy, pre, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    """``dy ⊙ silu'(x)`` for a ``[len(o_t), len(o_d)]`` tile ``dy`` (fp32), ``x`` read from ``pre``: rows
+    ``o_t`` (relative to ``bos``) ``SR`` elements apart, head ``head`` of width ``D``, columns ``o_d``. With
+    ``σ = sigmoid``, ``silu'(x) = σ(x) (1 + x (1 − σ(x)))``."""
+    offs = ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
+    b_x = tl.load(pre + offs, mask=m_t[:, None] & m_d[None, :], other=0).to(tl.float32)
+    b_sig = tl.sigmoid(b_x)
+    return dy * b_sig * (1 + b_x * (1 - b_sig))
+
+
+@triton.jit
+def store_rows(ptr, value, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    """:func:`store_tile` into rows ``SR`` elements apart (a view of wider rows, such as one part of a
+    fused projection's gradient)."""
+    offs = ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
 def load_row(ptr, bos, t, head, NH: tl.constexpr, D: tl.constexpr, o_d, m_d):
     """One row ``t`` of head ``head`` as a ``[len(o_d)]`` vector."""
     return tl.load(ptr + ((bos + t) * NH + head) * D + o_d, mask=m_d, other=0)

@@ -62,16 +62,7 @@ def kernel(monkeypatch):
 
 def replayed(forward_impl, backward_impl=None):
     """An autograd Function whose forward (and backward) go through ``replay.run``, as the ops' do."""
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            return replay.run(forward_impl, ctx, args)
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return replay.run(backward_impl, ctx, grads, backward=True)
-
-    return Function
+    return replay.function("Function", forward_impl, backward_impl)
 
 
 def make_function(kernel, extra=None):

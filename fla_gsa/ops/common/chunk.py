@@ -160,17 +160,6 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
     return dq, dk, dv, dgk, dgv, dh0, dqd
 
 
-class ChunkLinearAttnFunction(torch.autograd.Function):
-    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
-    @staticmethod
-    def forward(ctx, *args):
-        return replay.run(_forward, ctx, args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return replay.run(_backward, ctx, grads, backward=True)
-
-
 def _forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
              output_dtype, checkpoint_level):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -204,6 +193,10 @@ def _backward(ctx, do, dht):
         decay_dh=decayed)
     dh0 = dh0.to(dtypes[5]) if dh0 is not None else None
     return dq, dk, dv, dgk, dgv, None, dh0, None, None, None, None, None
+
+
+# a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
+ChunkLinearAttnFunction = replay.function("ChunkLinearAttnFunction", _forward, _backward)
 
 
 def chunk_linear_attn(

@@ -41,17 +41,6 @@ FUSED_SOFTMAX_MAX_SLOTS = 256
 DECAYED_SCANS = True
 
 
-class ChunkGSAFunction(torch.autograd.Function):
-    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
-    @staticmethod
-    def forward(ctx, *args):
-        return replay.run(_forward, ctx, args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return replay.run(_backward, ctx, grads, backward=True)
-
-
 def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
     o, hkt, hvt, saved, ctx.meta = _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
                                                 chunk_size, checkpoint_level, ctx.needs_input_grad[4])
@@ -62,6 +51,10 @@ def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens
 def _backward(ctx, do, dhkt, dhvt):
     dq, dk, dv, ds, dg, dhk0, dhv0 = _gsa_backward(ctx.saved_tensors, ctx.meta, do, dhkt, dhvt)
     return dq, dk, dv, ds, dg, None, dhk0, dhv0, None, None, None, None
+
+
+# a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
+ChunkGSAFunction = replay.function("ChunkGSAFunction", _forward, _backward)
 
 
 def _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level,
@@ -216,17 +209,6 @@ def chunk_gsa(
     return o, ((hk, hv) if output_final_state else None)
 
 
-class ChunkGSAProjectedFunction(torch.autograd.Function):
-    # a call whose shapes, dtypes and flags were seen before replays the launches it recorded (replay.py)
-    @staticmethod
-    def forward(ctx, *args):
-        return replay.run(_projected_forward, ctx, args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return replay.run(_projected_backward, ctx, grads, backward=True)
-
-
 def _parts(x, sizes, heads):
     """``x``'s four parts ``[q' | k' | v' | f]`` as ``[B, T, heads, D]`` views (no copies)."""
     out, start = [], 0
@@ -261,6 +243,9 @@ def _projected_backward(ctx, do, dhkt, dhvt):
                                                 silu={n: (pre[i], out[i]) for i, n in enumerate("qkv")})
     gsa_gates_bwd(x.view(B * T, W), ds.view(B * T, -1), dg.view(B * T, -1), dx.view(B * T, W), sizes, tau)
     return dx, None, None, None, None, None, None, None, None, dhk0, dhv0, None, None, None, None, None
+
+
+ChunkGSAProjectedFunction = replay.function("ChunkGSAProjectedFunction", _projected_forward, _projected_backward)
 
 
 def chunk_gsa_projected(

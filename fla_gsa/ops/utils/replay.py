@@ -52,6 +52,19 @@ class NotReplayable(Exception):
     """Something in a recording that a replay could not reproduce."""
 
 
+def function(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd Function named ``name`` whose forward is ``forward(ctx, *inputs)`` and backward
+    ``backward(ctx, *grads)``, each run through :func:`run` (replayed where recorded)."""
+
+    def fwd(ctx, *args):
+        return run(forward, ctx, args)
+
+    def bwd(ctx, *grads):
+        return run(backward, ctx, grads, backward=True)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
 def _key(ctx, args, backward):
     """What the recorded Python may depend on: each tensor's shape, strides, dtype, device and pointer
     alignment, every other argument's type and value, grad mode, which inputs need gradients (forward)

@@ -83,6 +83,23 @@ def test_wide_programs(monkeypatch):
     check(2, 93, 4, 2, 80, 144, 24, chunk_size=32)
 
 
+@pytest.mark.triton
+def test_state_gradients_only():
+    # the projection needs no gradient, the initial states do
+    sizes, K = (2 * 16, 2 * 16, 2 * 16, 2 * 8), 16
+    x = torch.randn(2, 40, sum(sizes), device=DEVICE)
+    h0 = tuple(torch.randn(*s, device=DEVICE).requires_grad_() for s in ((2, 2, 16, 8), (2, 2, 8, 16)))
+    o, _ = chunk_gsa_projected(x, sizes, K, initial_state=h0, chunk_size=16)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).sum(), h0)
+    rh0 = tuple(h.detach().double().requires_grad_() for h in h0)
+    ro, _ = reference(x, sizes, K, 8.0, None, rh0, None)
+    rgrads = torch.autograd.grad((ro * do.double()).sum(), rh0)
+    assert_rel("o", o, ro, TOL)
+    for name, a, r in zip(("dhk0", "dhv0"), grads, rgrads):
+        assert_rel(name, a, r, TOL)
+
+
 def test_bad_arguments():
     x = torch.randn(2, 5, 4 * 8 + 2 * 8 + 2 * 8 + 2 * 4, device=DEVICE)
     sizes = (32, 16, 16, 8)

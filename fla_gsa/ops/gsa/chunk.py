@@ -224,9 +224,8 @@ def _projected_forward(ctx, x, DQ, DK, DV, DF, HQ, H, tau, scale, hk0, hv0, outp
     B, T, W = x.shape
     sizes, heads = (DQ, DK, DV, DF), (HQ, H, H, H)
     q, k, v, s, g = (t.view(B, T, n, -1) for t, n in zip(gsa_inputs_fwd(x.view(B * T, W), sizes, tau), heads + (H,)))
-    need = ctx.needs_input_grad[0]
     o, hkt, hvt, saved, meta = _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
-                                            chunk_size, checkpoint_level, need)
+                                            chunk_size, checkpoint_level, ctx.needs_input_grad[0])
     ctx.save_for_backward(x, *saved)
     ctx.meta = (meta, tau, sizes, heads)
     return o, hkt, hvt
@@ -241,7 +240,10 @@ def _projected_backward(ctx, do, dhkt, dhvt):
     # the gradient kernels of q, k, v store the gradients of their projections' parts into dx
     _, _, _, ds, dg, dhk0, dhv0 = _gsa_backward(saved, meta, do, dhkt, dhvt,
                                                 silu={n: (pre[i], out[i]) for i, n in enumerate("qkv")})
-    gsa_gates_bwd(x.view(B * T, W), ds.view(B * T, -1), dg.view(B * T, -1), dx.view(B * T, W), sizes, tau)
+    if dg is None:  # only the initial states need gradients (dx was written, but is not wanted)
+        dx = None
+    else:
+        gsa_gates_bwd(x.view(B * T, W), ds.view(B * T, -1), dg.view(B * T, -1), dx.view(B * T, W), sizes, tau)
     return dx, None, None, None, None, None, None, None, None, dhk0, dhv0, None, None, None, None, None
 
 

@@ -33,7 +33,7 @@ from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_cu_seqlens, check_same_device, check_tensor
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.launch import lean
-from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, next_pow2, next_power_of_2
+from fla_gsa.ops.utils.triton_utils import cdiv, chunk_bounds, dsilu, next_pow2, next_power_of_2
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -78,8 +78,7 @@ def _conv_dz(x, cache, weight, bias, dy, i_n, bos, rows, L, o_d, m_d,
     b_dz = tl.load(dy + (bos + rows)[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0).to(tl.float32)
     if SILU:
         b_z = _conv_pre(x, cache, weight, bias, i_n, bos, rows, L, o_d, m_d, D, W, BR, BD, HAS_CACHE, HAS_BIAS)
-        b_sig = tl.sigmoid(b_z)
-        b_dz = b_dz * b_sig * (1 + b_z * (1 - b_sig))
+        b_dz = b_dz * dsilu(b_z)
     return b_dz
 
 

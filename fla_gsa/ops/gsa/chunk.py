@@ -18,7 +18,7 @@ import torch
 
 from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
 from fla_gsa.ops.common.chunk_h import chunk_fwd_h_slots
-from fla_gsa.ops.gsa.inputs import gsa_gates_bwd, gsa_inputs, gsa_inputs_fwd
+from fla_gsa.ops.gsa.inputs import check_sizes, gsa_gates_bwd, gsa_inputs, gsa_inputs_fwd
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
 from fla_gsa.ops.utils import replay
 from fla_gsa.ops.utils.backend import use_kernels
@@ -294,7 +294,7 @@ def chunk_gsa_projected(
         >>> o.shape, bool(torch.allclose(o, ref, atol=1e-5))
         (torch.Size([2, 50, 4, 16]), True)
     """
-    HQ, H, K, M = _projected_heads(x, sizes, head_dim)
+    sizes, HQ, H = _projected_heads(x, sizes, head_dim)
     q, k, v, f = _parts(x, sizes, (HQ, H, H, H))
     # the checks of chunk_gsa on views of x's parts (the shapes, device and states it will get; f for s and g)
     _, scale, hk0, hv0 = check_gsa(q, k, v, f, f, scale, initial_state, cu_seqlens)
@@ -306,21 +306,16 @@ def chunk_gsa_projected(
         precompile(ChunkGSAProjectedFunction, *args)
         o, hk, hv = ChunkGSAProjectedFunction.apply(*args)
         return o, ((hk, hv) if output_final_state else None)
-    q, k, v, s, g = gsa_inputs(x, sizes, gate_logit_normalizer)
-    q, k, v = q.unflatten(-1, (HQ, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, -1))
-    return chunk_gsa(q, k, v, s.unflatten(-1, (H, M)), g.unflatten(-1, (H, M)), scale, initial_state,
-                     output_final_state, cu_seqlens, checkpoint_level, chunk_size)
+    q, k, v, s, g = (t.unflatten(-1, (n, -1)) for t, n in zip(gsa_inputs(x, sizes, gate_logit_normalizer),
+                                                               (HQ, H, H, H, H)))
+    return chunk_gsa(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens, checkpoint_level,
+                     chunk_size)
 
 
 def _projected_heads(x, sizes, head_dim):
-    """``(HQ, H, K, M)`` of :func:`chunk_gsa_projected`'s arguments, checked."""
+    """``(sizes, HQ, H)`` of :func:`chunk_gsa_projected`'s arguments, checked."""
     check_tensor(x, "x", 3, "[B, T, DQ + DK + DV + DF]")
-    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 4
-            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes)):
-        raise ValueError(f"sizes must be four positive ints (DQ, DK, DV, DF), got {sizes!r}")
-    if x.shape[-1] != sum(sizes):
-        raise ValueError(f"x must have shape [B, T, {sum(sizes)}] (DQ + DK + DV + DF of sizes {tuple(sizes)}), "
-                         f"got {tuple(x.shape)}")
+    sizes = check_sizes(x, sizes, "B, T")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     DQ, DK, DV, DF = sizes
@@ -330,4 +325,4 @@ def _projected_heads(x, sizes, head_dim):
     if DV % H or DF % H:
         raise ValueError(f"sizes: DV = {DV} and DF = {DF} must be multiples of the key/value heads H = DK / "
                          f"head_dim = {H}")
-    return HQ, H, head_dim, DF // H
+    return sizes, HQ, H

@@ -26,7 +26,7 @@ import triton.language as tl
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_tensor
 from fla_gsa.ops.utils.launch import lean
-from fla_gsa.ops.utils.triton_utils import cdiv
+from fla_gsa.ops.utils.triton_utils import cdiv, dsilu
 
 BR, BC = 32, 128  # rows x columns of one part per program
 
@@ -59,8 +59,7 @@ def _silu_bwd(x, dy, dx, i_c, N, W, start, D, BR: tl.constexpr, BC: tl.constexpr
     r, o_c, m = _tile(i_c, N, D, BR, BC)
     b_x = tl.load(x + r * W + start + o_c, mask=m, other=0).to(tl.float32)
     b_dy = tl.load(dy + r * D + o_c, mask=m, other=0).to(tl.float32)
-    b_sig = tl.sigmoid(b_x)
-    tl.store(dx + r * W + start + o_c, (b_dy * b_sig * (1 + b_x * (1 - b_sig))).to(dx.dtype.element_ty), mask=m)
+    tl.store(dx + r * W + start + o_c, (b_dy * dsilu(b_x)).to(dx.dtype.element_ty), mask=m)
 
 
 # The grid's second axis walks the column blocks of q, k, v and f in turn (NQ, NK, NV blocks, then
@@ -171,6 +170,19 @@ def _gsa_inputs_torch(x, sizes, tau):
     return F.silu(q), F.silu(k), F.silu(v), s, g
 
 
+def check_sizes(x, sizes, lead: str) -> tuple[int, int, int, int]:
+    """``sizes`` as a tuple, checked: four positive ints ``(DQ, DK, DV, DF)`` whose sum is ``x``'s last
+    dimension (``lead``: how the message names the dimensions before it)."""
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 4
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes)):
+        raise ValueError(f"sizes must be four positive ints (DQ, DK, DV, DF), got {sizes!r}")
+    sizes = tuple(sizes)
+    if x.ndim < 1 or x.shape[-1] != sum(sizes):
+        raise ValueError(f"x must have shape [{lead}, {sum(sizes)}] (DQ + DK + DV + DF of sizes {sizes}), "
+                         f"got {tuple(x.shape)}")
+    return sizes
+
+
 def gsa_inputs(x: torch.Tensor, sizes, gate_logit_normalizer: float = 8.0):
     """Split a fused GSA projection into the op's inputs: swish feature maps and the tied gates.
 
@@ -195,13 +207,7 @@ def gsa_inputs(x: torch.Tensor, sizes, gate_logit_normalizer: float = 8.0):
         True
     """
     check_tensor(x, "x")
-    if (not isinstance(sizes, (tuple, list)) or len(sizes) != 4
-            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes)):
-        raise ValueError(f"sizes must be four positive ints (DQ, DK, DV, DF), got {sizes!r}")
-    sizes = tuple(sizes)
-    if x.ndim < 1 or x.shape[-1] != sum(sizes):
-        raise ValueError(f"x must have shape [..., {sum(sizes)}] (DQ + DK + DV + DF of sizes {sizes}), "
-                         f"got {tuple(x.shape)}")
+    sizes = check_sizes(x, sizes, "...")
     tau = gate_logit_normalizer
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
         raise ValueError(f"gate_logit_normalizer must be a positive float, got {tau!r}")

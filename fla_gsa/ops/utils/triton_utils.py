@@ -58,19 +58,22 @@ def load_tile(ptr, bos, o_t, m_t, head, NH: tl.constexpr, D: tl.constexpr, o_d, 
 
 @triton.jit
 def store_tile(ptr, value, bos, o_t, m_t, head, NH: tl.constexpr, D: tl.constexpr, o_d, m_d):
-    offs = ((bos + o_t) * NH + head)[:, None] * D + o_d[None, :]
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    store_rows(ptr, value, bos, o_t, m_t, head, NH * D, D, o_d, m_d)
+
+
+@triton.jit
+def dsilu(x):
+    """``silu'(x) = σ(x) (1 + x (1 − σ(x)))`` (``σ = sigmoid``), elementwise on fp32 ``x``."""
+    sig = tl.sigmoid(x)
+    return sig * (1 + x * (1 - sig))
 
 
 @triton.jit
 def silu_grad(dy, pre, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
     """``dy ⊙ silu'(x)`` for a ``[len(o_t), len(o_d)]`` tile ``dy`` (fp32), ``x`` read from ``pre``: rows
-    ``o_t`` (relative to ``bos``) ``SR`` elements apart, head ``head`` of width ``D``, columns ``o_d``. With
-    ``σ = sigmoid``, ``silu'(x) = σ(x) (1 + x (1 − σ(x)))``."""
+    ``o_t`` (relative to ``bos``) ``SR`` elements apart, head ``head`` of width ``D``, columns ``o_d``."""
     offs = ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
-    b_x = tl.load(pre + offs, mask=m_t[:, None] & m_d[None, :], other=0).to(tl.float32)
-    b_sig = tl.sigmoid(b_x)
-    return dy * b_sig * (1 + b_x * (1 - b_sig))
+    return dy * dsilu(tl.load(pre + offs, mask=m_t[:, None] & m_d[None, :], other=0).to(tl.float32))
 
 
 @triton.jit

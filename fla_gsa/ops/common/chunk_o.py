@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_gsa.ops.common.chunk_scores import ungated_scores
+from fla_gsa.ops.common.chunk_scores import store_scores
 from fla_gsa.ops.utils.backend import diag_dot_limit, dot_precision
 from fla_gsa.ops.utils.index import chunk_grid
 from fla_gsa.ops.utils.launch import lean
@@ -60,8 +60,24 @@ WIDE_MIN_PROGRAMS = 512
 # Warps of a launch that stores the gradient of a silu's input (``silu``: one more tile read per block of
 # columns, 181-185 registers a thread in the wide form, against 109-136). GSA's three such launches in
 # chunk_gsa_projected on an H100 (bf16, 4 x 4096, H = 4, K = V = 512, M = 64), wide, us each: 4 warps
-# 165 / 198 / 165, 8 warps 136 / 136 / 136, 16 warps 216-223; one column block per program 135-204.
+# 165 / 198 / 165, 8 warps 136 / 136 / 136, 16 warps 216-223; one column block per program 135-204. The
+# wide ones take 4 warps and 2 pipeline stages instead (SILU_WIDE_OPTIONS, below).
 SILU_WARPS = 8
+# Launch options by variant, from a sweep of num_warps (2, 4, 8) and num_stages (1, 2, default) of each
+# apply launch of chunk_gsa_projected's forward+backward on an H100 (bf16, H = 4, K = V = 512, M = 64), the
+# sum of the launches' GPU times against the options before, us at 8 x 2048 / 4 x 4096 / 1 x 16384:
+# the wide silu launches (pass V's dv, pass K's dk; pass K's dq) with 4 warps and 2 stages instead of 8
+# warps -26 / -26 / -26 and -4 / -3 / -4; pass K's gated dv, which adds pass V's ds (``acc``), with 2
+# warps -9 / -10 / -8 (pass V's gated dk with 2 warps: +5 / +1 / +1, kept at 4). Every other option was
+# slower for every launch, the 255-register softmax launches most (8 warps +43 to +52 us).
+SILU_WIDE_OPTIONS = dict(num_warps=4, num_stages=2)
+ACC_GATED_UPPER_WARPS = 2
+# Columns of P per step of the loop that makes both the state product and the fused scores (``scores_from``)
+# with half-precision operands. GSA's two such launches (pass K's output with its softmax, pass V's dq with
+# the softmax's gradient; 255 registers a thread) on an H100 at 8 x 2048, us: one loop per product 148 /
+# 152, one loop for both 135 / 136 with 64 columns a step, 130 / 133 with 128 (2 warps or 2 stages:
+# slower). fp32 operands take 64 (128 would need about twice the shared memory a stage).
+FUSED_BLOCK_P = 128
 
 @triton.jit
 def _gated_rows(p, gp, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl.constexpr, DP: tl.constexpr, o_p, m_p,
@@ -96,6 +112,25 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
         b_m = _state_tile(hm, o_p, m_p, o_y, m_y, S_P, S_Y)
         b_y += tl.dot(b_p.to(DT), b_m.to(DT), input_precision=PREC)
     return b_y
+
+
+@triton.jit
+def _product_and_scores(p, hm, ka, bos, o_i, m_i, i_hq, HQ: tl.constexpr, o_j, m_j, i_h, H: tl.constexpr,
+                        DP: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr, o_y, m_y, BC: tl.constexpr,
+                        BT: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``(P_r @ M, P_r ka^T)`` for rows ``o_r`` of an ungated ``P`` (the second over the chunk's rows ``o_j`` of
+    ``ka``, read where ``m_j``), unscaled: one pass over ``P``'s columns for both products."""
+    b_y = tl.zeros([BC, BY], dtype=tl.float32)
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    for i_p in range(0, tl.cdiv(DP, BP)):
+        o_p = i_p * BP + tl.arange(0, BP)
+        m_p = o_p < DP
+        b_p = load_tile(p, bos, o_i, m_i, i_hq, HQ, DP, o_p, m_p).to(DT)
+        b_m = _state_tile(hm, o_p, m_p, o_y, m_y, S_P, S_Y)
+        b_k = load_tile(ka, bos, o_j, m_j, i_h, H, DP, o_p, m_p)
+        b_y += tl.dot(b_p, b_m.to(DT), input_precision=PREC)
+        b_A += tl.dot(b_p, tl.trans(b_k.to(DT)), input_precision=PREC)
+    return b_y, b_A
 
 
 @triton.jit
@@ -212,14 +247,18 @@ def chunk_apply_lower_kernel(
         _lower_wide(p, gp, p_m, x, A, y, y_nd, pre, bos, t0, o_i, m_i, i_hq, HQ, i_h, H, scale, DP, DY, S_P, S_Y, BT,
                     BP, BY, USE_GP, STORE_ND, DT, PREC, SR, DACT)
         return
-    b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
-                                 BC, BP, BY, USE_GP, False, 0, DT, PREC)
     if FUSE_A:
-        # the ungated scores of these rows, A = scale * P ka^T (j <= i), made here and stored for later
-        # launches instead of by chunk_scores (the launch has one block of Y columns: no repeated work)
+        # the ungated scores of these rows, A = scale * P ka^T (j <= i), made here, in the state product's
+        # loop over P's columns, and stored for later launches instead of by chunk_scores (the launch has
+        # one block of Y columns: no repeated work)
         m_jt = (o_j < T) & (o_j < r + BC)  # the columns j <= i of these rows: fewer loads for early blocks
-        b_A = ungated_scores(p, ka, scale, p_row, t0, bos, o_i, m_i, i_hq, HQ, o_j, m_jt, i_h, H, DP, BC, BT, BP,
-                             DT, PREC)
+        b_y, b_A = _product_and_scores(p, p_m, ka, bos, o_i, m_i, i_hq, HQ, o_j, m_jt, i_h, H, DP, S_P, S_Y, o_y, m_y,
+                                       BC, BT, BP, BY, DT, PREC)
+        b_y = scale * b_y
+        b_A = store_scores(b_A, scale, p_row, t0, o_i, m_i, o_j)
+    else:
+        b_y = scale * _state_product(p, gp, p_m, bos, o_i, m_i, i_hq, HQ, i_h, H, DP, DY, S_P, S_Y, o_y, m_y,
+                                     BC, BP, BY, USE_GP, False, 0, DT, PREC)
     if USE_GY:
         b_gy = load_tile(gy, bos, o_i, m_i, i_h, H, DY, o_y, m_y).to(tl.float32)  # [BC, BY]
         b_gr = load_row(gy, bos, tl.minimum(r, T - 1), i_h, H, DY, o_y, m_y).to(tl.float32)  # reference: row r
@@ -395,7 +434,8 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     yd = p.new_empty(B, T, heads, DY, dtype=decayed_dtype) if decayed_dtype is not None else None
-    BP, BY = min(64, next_pow2(DP)), _block_y(DY, softmax)
+    wide_p = scores_from is not None and compute_dtype in (torch.bfloat16, torch.float16)
+    BP, BY = min(FUSED_BLOCK_P if wide_p else 64, next_pow2(DP)), _block_y(DY, softmax)
     wide = _wide(DP, BP, DY, BY, NT * B * heads, gy is None and softmax is None and decayed_dtype is None
                  and scores_from is None)
     grid = (1 if wide else cdiv(DY, BY), NT * (BT // BC), B * heads)
@@ -411,12 +451,22 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         H=H, G=HQ // H, DP=DP, DY=DY, S_P=S_P, S_Y=S_Y, BT=BT, BC=BC, BP=BP, BY=BY,
         USE_GP=gp is not None, USE_GY=gy is not None, STORE_ND=no_diag, IS_VARLEN=cu_seqlens is not None,
         DT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype), DIAG_MAX=diag_dot_limit(compute_dtype),
-        WIDE=wide, SR=SR, DACT=silu is not None, num_warps=4 if silu is None else SILU_WARPS, **extra,
+        WIDE=wide, SR=SR, DACT=silu is not None, **extra,
+        **launch_options(kernel, wide, gy is not None, silu is not None, extra),
     )
     out = (y, y_nd, y_st) if upper else (y, y_nd)
     out = out if no_diag else out[:1]
     out = out + (yd,) if yd is not None else out
     return out if len(out) > 1 else y
+
+
+def launch_options(kernel, wide, gated, dact, extra) -> dict:
+    """``num_warps`` (and ``num_stages``) of a launch, by its variant (see SILU_WIDE_OPTIONS)."""
+    if dact:
+        return SILU_WIDE_OPTIONS if wide else dict(num_warps=SILU_WARPS)
+    if kernel is chunk_apply_upper_kernel and gated and extra.get("USE_ACC"):
+        return dict(num_warps=ACC_GATED_UPPER_WARPS)
+    return dict(num_warps=4)
 
 
 def _silu_row_stride(pre, y, shape) -> int:

@@ -43,6 +43,12 @@ def ungated_scores(q, k, scale, p_row, t0, bos, o_i, m_i, i_hq, HQ: tl.constexpr
         b_q = load_tile(q, bos, o_i, m_i, i_hq, HQ, D, o_d, m_d)
         b_k = load_tile(k, bos, o_j, m_j, i_h, H, D, o_d, m_d)
         b_A += tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+    return store_scores(b_A, scale, p_row, t0, o_i, m_i, o_j)
+
+
+@triton.jit
+def store_scores(b_A, scale, p_row, t0, o_i, m_i, o_j):
+    """``scale * b_A`` with the columns ``j > i`` zeroed, stored from ``p_row`` and returned."""
     b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0)
     tl.store(p_row[:, None] + (o_j - t0)[None, :], b_A, mask=m_i[:, None])
     return b_A

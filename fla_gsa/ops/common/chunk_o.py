@@ -48,11 +48,6 @@ from fla_gsa.ops.utils.triton_utils import (broadcast_lt, cdiv, chunk_bounds, lo
 # (K = 256, V = 512) 0.01 ms faster or the same. Strong gates take the diagonal block row by row past a
 # decay of DIAG_MAX across it, which 32 rows reach sooner.
 GATED_BLOCK = 32
-# ... and of the upper kernel when it adds no other gradient (no ``acc``): the whole chunk. On an H100
-# (bf16, H = 4), forward+backward GPU us at 8 x 2048 / 4 x 4096 / 1 x 16384 with 64 rows against 32: GLA
-# (K = 256, V = 512; its dk) 2094 / 2068 / 2262 against 2156 / 2138 / 2325, GSA (K = V = 512, M = 64; pass V's
-# dk) 1204 / 1265 / 1338 against 1221 / 1278 / 1353. GSA's pass K dv (with ``acc``) took 50 us more with 64.
-UPPER_GATED_BLOCK = 64
 # Ungated rows with a narrow P (DP <= 64) and several blocks of Y columns (GSA's pass V forward, both dk
 # kernels, pass K's dq: DY = 512) take a whole chunk and every column block per program ("wide") where
 # that leaves at least this many programs: the gated P, the scores and their diagonal are then read once
@@ -426,8 +421,7 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
     DY = x.shape[-1]
     HQ = A.shape[2]
     BT = chunk_size
-    upper = kernel is chunk_apply_upper_kernel
-    BC = min(UPPER_GATED_BLOCK if upper and acc is None else GATED_BLOCK, BT) if gy is not None else BT
+    BC = min(GATED_BLOCK, BT) if gy is not None else BT
     NT, indices = chunk_grid(cu_seqlens, T, BT)
     # m is [NT, H, K, V]; lower/upper read it as [DP, DY] through strides
     S_P, S_Y = (1, m.shape[-1]) if transpose_m else (m.shape[-1], 1)
@@ -437,6 +431,7 @@ def _apply(kernel, heads, H, p, gp, m, transpose_m, x, gy, A, scale, cu_seqlens,
         pre, y = silu
         SR = _silu_row_stride(pre, y, (B, T, heads, DY))
     y_nd = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag else None
+    upper = kernel is chunk_apply_upper_kernel
     y_st = p.new_empty(B, T, heads, DY, dtype=torch.float32) if no_diag and upper else None
     yd = p.new_empty(B, T, heads, DY, dtype=decayed_dtype) if decayed_dtype is not None else None
     wide_p = scores_from is not None and compute_dtype in (torch.bfloat16, torch.float16)

@@ -68,8 +68,8 @@ SILU_WARPS = 8
 # sum of the launches' GPU times against the options before, us at 8 x 2048 / 4 x 4096 / 1 x 16384:
 # the wide silu launches (pass V's dv, pass K's dk; pass K's dq) with 4 warps and 2 stages instead of 8
 # warps -26 / -26 / -26 and -4 / -3 / -4; pass K's gated dv, which adds pass V's ds (``acc``), with 2
-# warps -9 / -10 / -8 (pass V's gated dk with 2 warps: +5 / +1 / +1, kept at 4). Every other option was
-# slower for every launch, the 255-register softmax launches most (8 warps +43 to +52 us).
+# warps -9 / -10 / -8 (pass V's gated dk with 2 warps: +5 / +1 / +1, kept at 4). No other option took more
+# than 2 us off any launch; the 255-register softmax launches lost most (8 warps +43 to +52 us).
 SILU_WIDE_OPTIONS = dict(num_warps=4, num_stages=2)
 ACC_GATED_UPPER_WARPS = 2
 # Columns of P per step of the loop that makes both the state product and the fused scores (``scores_from``)
@@ -118,7 +118,7 @@ def _state_product(p, gp, hm, bos, o_r, m_r, i_hp, NHP: tl.constexpr, i_h, H: tl
 def _product_and_scores(p, hm, ka, bos, o_i, m_i, i_hq, HQ: tl.constexpr, o_j, m_j, i_h, H: tl.constexpr,
                         DP: tl.constexpr, S_P: tl.constexpr, S_Y: tl.constexpr, o_y, m_y, BC: tl.constexpr,
                         BT: tl.constexpr, BP: tl.constexpr, BY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """``(P_r @ M, P_r ka^T)`` for rows ``o_r`` of an ungated ``P`` (the second over the chunk's rows ``o_j`` of
+    """``(P_i @ M, P_i ka^T)`` for rows ``o_i`` of an ungated ``P`` (the second over the chunk's rows ``o_j`` of
     ``ka``, read where ``m_j``), unscaled: one pass over ``P``'s columns for both products."""
     b_y = tl.zeros([BC, BY], dtype=tl.float32)
     b_A = tl.zeros([BC, BT], dtype=tl.float32)

@@ -72,16 +72,28 @@ def dsilu(x):
 def silu_grad(dy, pre, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
     """``dy ⊙ silu'(x)`` for a ``[len(o_t), len(o_d)]`` tile ``dy`` (fp32), ``x`` read from ``pre``: rows
     ``o_t`` (relative to ``bos``) ``SR`` elements apart, head ``head`` of width ``D``, columns ``o_d``."""
-    offs = ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
-    return dy * dsilu(tl.load(pre + offs, mask=m_t[:, None] & m_d[None, :], other=0).to(tl.float32))
+    return dy * dsilu(load_rows(pre, bos, o_t, m_t, head, SR, D, o_d, m_d).to(tl.float32))
+
+
+@triton.jit
+def _row_offsets(bos, o_t, head, SR: tl.constexpr, D: tl.constexpr, o_d):
+    # rows o_t (relative to bos) SR elements apart, head `head` of width D, columns o_d
+    return ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
+
+
+@triton.jit
+def load_rows(ptr, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
+    """:func:`load_tile` from rows ``SR`` elements apart (a view of wider rows, such as one part of a fused
+    projection), zero outside the masks."""
+    return tl.load(ptr + _row_offsets(bos, o_t, head, SR, D, o_d), mask=m_t[:, None] & m_d[None, :], other=0)
 
 
 @triton.jit
 def store_rows(ptr, value, bos, o_t, m_t, head, SR: tl.constexpr, D: tl.constexpr, o_d, m_d):
     """:func:`store_tile` into rows ``SR`` elements apart (a view of wider rows, such as one part of a
     fused projection's gradient)."""
-    offs = ((bos + o_t) * SR)[:, None] + head * D + o_d[None, :]
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    tl.store(ptr + _row_offsets(bos, o_t, head, SR, D, o_d), value.to(ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
 
 
 @triton.jit

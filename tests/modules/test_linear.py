@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import DEVICE, assert_rel, rel_err
+from conftest import DEVICE, INTERPRET, assert_rel, rel_err
 
-from fla_gsa.modules.linear import fused_linear, linear, mm_fp32
+from fla_gsa.modules.linear import fused_linear, join_cast, linear, mm_fp32
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast's half-precision products run on a GPU")
 
@@ -115,3 +115,18 @@ def test_mm_fp32():
     expected = acc.double() + ref
     assert mm_fp32(a, b, out=acc) is acc
     assert_rel("addmm", acc, expected, 1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("count", [1, 3, 4, 6])  # one launch of up to four sources, or two
+def test_join_cast(count):
+    # exactly torch.cat(weights).to(dtype): each source cast straight into its rows (odd sizes, blocks
+    # that end inside a source). fp16 under the interpreter, whose bf16 cast truncates where the GPU
+    # (and PyTorch) round to nearest even.
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    weights = [torch.randn(n, 19, device=DEVICE) * 100 for n in (37, 5, 64, 3, 11, 1)[:count]]
+    before = [w.clone() for w in weights]
+    out = join_cast(weights, dtype)
+    assert out.dtype == dtype and out.shape == (sum(w.shape[0] for w in weights), 19)
+    assert torch.equal(out, torch.cat(weights).to(dtype))
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))

@@ -15,7 +15,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from fla_gsa.layers import ABCAttention, Attention, Cache, GatedLinearAttention, GatedSlotAttention
 from fla_gsa.models.configuration import ABCConfig, GLAConfig, GSAConfig, HybridConfig, TransformerConfig
-from fla_gsa.modules import GatedMLP, RMSNorm, fused_linear_cross_entropy
+from fla_gsa.modules import GatedMLP, RMSNorm
+from fla_gsa.modules.cross_entropy import LabelCheck
+from fla_gsa.modules.linear_cross_entropy import linear_cross_entropy_checked
 
 try:  # transformers >= 4.48
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -285,24 +287,32 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        ignore = -100
+        fused = labels is not None and self.config.fuse_linear_cross_entropy
+        targets = label_check = None
+        if fused and isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
+            # next-token targets, and their range check begun now: the loss then waits for that check
+            # alone, not for the layers queued after it (a sync there would drain the GPU's queue)
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1).view(-1)
+            label_check = LabelCheck(targets, self.lm_head.out_features, ignore)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden_states = outputs.last_hidden_state
 
         loss = logits = None
-        fused = labels is not None and self.config.fuse_linear_cross_entropy
         if labels is not None:
             if labels.shape != hidden_states.shape[:2]:
                 raise ValueError(f"labels must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
-            ignore = -100
-            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1)
-            targets = targets.to(hidden_states.device)
+            if targets is None:
+                targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1).view(-1)
+            if targets.device != hidden_states.device:
+                targets, label_check = targets.to(hidden_states.device), None
             reduction = "mean" if num_items_in_batch is None else "sum"
             if fused:
-                loss = fused_linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]),
-                                                  self.lm_head.weight, targets.reshape(-1), self.lm_head.bias,
-                                                  ignore_index=ignore, reduction=reduction)
+                loss = linear_cross_entropy_checked(hidden_states.reshape(-1, hidden_states.shape[-1]),
+                                                    self.lm_head.weight, targets, self.lm_head.bias,
+                                                    ignore, reduction, label_check=label_check)
             else:
                 logits = self.lm_head(hidden_states)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore,

@@ -115,7 +115,41 @@ def cross_entropy_bwd(logits, labels, lse, dloss, ignore_index, out=None):
     return out
 
 
-def check_labels(labels, name: str, shape, V: int, ignore_index: int, device) -> None:
+class LabelCheck:
+    """The range check of class labels, begun without waiting for it (see :func:`check_labels`).
+
+    Created, it queues the check on the current stream and, for CUDA labels, a copy of its one-byte
+    result into pinned host memory followed by an event. :meth:`finish` then waits for that event only,
+    not for the work queued after it: a caller that begins the check early (a model, before its layers)
+    learns the answer without draining the GPU's queue."""
+
+    def __init__(self, labels: torch.Tensor, V: int, ignore_index: int):
+        self.labels, self.V, self.ignore_index = labels, V, ignore_index
+        self.bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        self.flag = self.event = None
+        if labels.is_cuda and labels.numel():
+            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.flag.copy_(self.bad.any(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def finish(self, name: str = "labels") -> None:
+        """Raise a ``ValueError`` naming the first bad label, if any."""
+        if self.event is not None:
+            self.event.synchronize()
+            hit = bool(self.flag)
+        else:
+            hit = bool(self.labels.numel()) and bool(self.bad.any())
+        if hit:
+            first = self.labels[self.bad][0].item()
+            raise ValueError(f"{name} must be in [0, {self.V}) or equal ignore_index={self.ignore_index}, "
+                             f"got {first}")
+
+
+def check_labels(labels, name: str, shape, V: int, ignore_index: int, device, pending: LabelCheck | None = None):
+    """Dtype, shape, device and range of class labels. The range check needs the labels' values: one host
+    sync, so a bad label is a ValueError here rather than an out-of-bounds read in a kernel; ``pending``,
+    a :class:`LabelCheck` of these labels begun earlier, is finished instead (no sync beyond it)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.dtype not in (torch.int32, torch.int64):
@@ -124,11 +158,9 @@ def check_labels(labels, name: str, shape, V: int, ignore_index: int, device) ->
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"all inputs must be on one device, got {name} on {labels.device} and the inputs on {device}")
-    # One host sync, so a bad label is a ValueError here rather than an out-of-bounds read in a kernel.
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if labels.numel() and bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"{name} must be in [0, {V}) or equal ignore_index={ignore_index}, got {first}")
+    if pending is None or pending.labels is not labels or pending.V != V or pending.ignore_index != ignore_index:
+        pending = LabelCheck(labels, V, ignore_index)
+    pending.finish(name)
 
 
 def check_reduction(reduction, allowed=REDUCTIONS) -> None:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fla_gsa.modules.cross_entropy import (
+    LabelCheck,
     check_ignore_index,
     check_labels,
     check_reduction,
@@ -151,6 +152,14 @@ def fused_linear_cross_entropy(
         >>> loss.backward(); h.grad.shape, w.grad.shape
         (torch.Size([10, 16]), torch.Size([100, 16]))
     """
+    return linear_cross_entropy_checked(hidden, weight, labels, bias, ignore_index, reduction, chunk_size)
+
+
+def linear_cross_entropy_checked(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
+                                 chunk_size=None, label_check: LabelCheck | None = None):
+    """:func:`fused_linear_cross_entropy` with its checks; ``label_check``: the range check of ``labels``
+    begun earlier by the caller (``LabelCheck(labels, V, ignore_index)``), finished here instead of a
+    host sync on a full queue."""
     check_tensor(hidden, "hidden")
     if hidden.ndim < 2:
         raise ValueError(f"hidden must have shape [N, D] (or [..., D]), got {tuple(hidden.shape)}")
@@ -174,7 +183,7 @@ def fused_linear_cross_entropy(
     check_reduction(reduction, ("mean", "sum"))
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_labels(labels, "labels", hidden.shape[:-1], V, ignore_index, hidden.device)
+    check_labels(labels, "labels", hidden.shape[:-1], V, ignore_index, hidden.device, label_check)
 
     h = hidden.reshape(-1, D).contiguous()
     y = labels.reshape(-1).contiguous()

@@ -201,6 +201,21 @@ def test_loss_equals_cross_entropy_on_logits():
     assert_rel("unfused, num_items_in_batch", model(x, labels=labels, num_items_in_batch=2 * n).loss, ref / 2, 1e-6)
 
 
+def test_bad_labels_raise_before_the_loss():
+    # the fused loss's label check (begun before the layers) names the bad label
+    model = tiny_model().train()
+    x = tokens(2, 9)
+    labels = x.clone()
+    labels[1, 5] = V
+    with pytest.raises(ValueError, match=f"labels must be in \\[0, {V}\\) or equal ignore_index=-100, got {V}"):
+        model(x, labels=labels)
+    labels[1, 5] = -7
+    with pytest.raises(ValueError, match="got -7"):
+        model(x, labels=labels)
+    labels[1, 5], labels[0, 0] = 4, V  # the first label is never a target
+    assert torch.isfinite(model(x, labels=labels).loss)
+
+
 def test_logits_to_keep_and_tuple_output():
     model = tiny_model()
     x = tokens(2, 9)

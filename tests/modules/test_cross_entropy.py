@@ -12,6 +12,8 @@ from fla_gsa.modules import (
     fused_cross_entropy,
     fused_linear_cross_entropy,
 )
+from fla_gsa.modules.cross_entropy import LabelCheck
+from fla_gsa.modules.linear_cross_entropy import linear_cross_entropy_checked
 from conftest import DEVICE, assert_rel
 
 
@@ -177,6 +179,27 @@ def test_linear_cross_entropy_bad_inputs():
         fused_linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 30]))
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_cross_entropy(h, w, y, chunk_size=0)
+
+
+@pytest.mark.parametrize("bad", [None, 30, -5])
+def test_label_check_begun_early(bad):
+    # a LabelCheck begun before other work is finished by the loss: the same ValueError for a bad
+    # label (naming it), the loss itself otherwise
+    h, w = torch.randn(6, 16, device=DEVICE), torch.randn(30, 16, device=DEVICE)
+    y = torch.tensor([0, 1, -100, 3, 29, 7], device=DEVICE)
+    if bad is not None:
+        y[3] = bad
+    check = LabelCheck(y, 30, -100)
+    if bad is None:
+        loss = linear_cross_entropy_checked(h, w, y, label_check=check)
+        assert_rel("loss", loss, ref_linear_ce(h, w, y), 1e-5)
+    else:
+        with pytest.raises(ValueError, match=f"labels must be in \\[0, 30\\) or equal ignore_index=-100, got {bad}"):
+            linear_cross_entropy_checked(h, w, y, label_check=check)
+    # a check of other labels (or another vocabulary) is not taken for these
+    other = LabelCheck(y.clone(), 30, -100)
+    with pytest.raises(ValueError, match="labels must be in"):
+        linear_cross_entropy_checked(h, w[:5], y, label_check=other)
 
 
 def test_default_chunk_size():

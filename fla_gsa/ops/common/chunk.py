@@ -119,45 +119,89 @@ def chunk_bwd(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seq
     ``dh_input`` if the caller has it, else made here (``decay_fwd``, one launch). ``silu``: a dict
     that may map ``"q"``, ``"k"``, ``"v"`` to ``(pre, out)`` where that input is ``silu(pre)`` (``pre``
     a view of a fused projection): its gradient kernel stores the gradient of ``pre`` into the view
-    ``out`` instead (returned in its place; see :func:`chunk_apply_lower`)."""
-    silu = silu or {}
-    if dg_acc is not None and need_dgk and need_dgv:
-        raise ValueError("dg_acc goes to one gate gradient; both were asked for")
-    B, T, H = k.shape[:3]
-    cdt = compute_dtype(k, v, q)
-    if h is None:  # recompute the chunk-boundary states instead of having kept them
-        h, _ = chunk_fwd_h(*_scan_inputs(k, v, Gk, decayed_input), Gk, Gv, initial_state, False, cu_seqlens,
-                           chunk_size, cdt, cdt, decayed=decayed_input is not None)
-    q_in, do_in = q, do
-    if decay_dh:
-        if dh_input is None:
-            dh_input = decay_fwd(q, Gk, cdt) if Gk is not None else decay_fwd(do, Gv, cdt)
-        q_in, do_in = (dh_input, do) if Gk is not None else (q, dh_input)
-    dh, dh0, hdk, hdv = chunk_bwd_dh(q_in, do_in, Gk, Gv, dht, scale, cu_seqlens, chunk_size, H,
-                                     initial_state is not None, cdt, cdt, h, need_dgk, need_dgv, decayed=decay_dh)
-    # the score gradients: made by the dq kernel where it can (ungated, see chunk_fwd), else here
-    fuse = Gv is None and lower_fuses_scores(k.shape[-1], softmax_q)
-    dA = scores_buffer(do, chunk_size) if fuse else chunk_scores(do, v, Gv, scale, cu_seqlens, chunk_size, cdt)
-    dv = chunk_apply_upper(k, Gk, dh, do, Gv, A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt, no_diag=need_dgv,
-                           acc=dv_acc, silu=silu.get("v"))
-    dq = chunk_apply_lower(do, Gv, h, k, Gk, dA, scale, cu_seqlens, chunk_size, q.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk, softmax=softmax_q, decayed_dtype=cdt if decay_dq else None,
-                           scores_from=v if fuse else None, silu=silu.get("q"))
-    dq, dq_nd, dqd = _unpack(dq, need_dgk, decay_dq)
-    dk = chunk_apply_upper(v, Gv, dh, q, Gk, dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt, transpose_m=True,
-                           no_diag=need_dgk, silu=silu.get("k"))
-    dgk = dgv = None
-    if need_dgk:
-        dk, dk_nd, dk_st = dk
-        dgk = GateGradTerms(q, dq_nd, k, dk_nd, dk_st, hdk)
-        if not defer_dg:
-            dgk = chunk_gate_grad(*dgk, cu_seqlens, chunk_size, gate_dtypes[0], dg_acc)
-    if need_dgv:
-        dv, dv_nd, dv_st = dv
-        dgv = GateGradTerms(do, o_nd, v, dv_nd, dv_st, hdv)
-        if not defer_dg:
-            dgv = chunk_gate_grad(*dgv, cu_seqlens, chunk_size, gate_dtypes[1], dg_acc)
-    return dq, dk, dv, dgk, dgv, dh0, dqd
+    ``out`` instead (returned in its place; see :func:`chunk_apply_lower`). :class:`ChunkBackward` runs
+    the same steps one stage at a time."""
+    b = ChunkBackward(q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
+                      need_dgk, need_dgv, gate_dtypes, softmax_q, dv_acc, dg_acc, decayed_input, decay_dh, dh_input,
+                      decay_dq, defer_dg, silu)
+    b.states()
+    b.queries()
+    return b.rest()
+
+
+class ChunkBackward:
+    """:func:`chunk_bwd` (same arguments) in three stages, for a caller that interleaves the launches of
+    two passes or runs a stage on a side stream: :meth:`states` (the state gradients' scan),
+    :meth:`queries` (the score gradients and ``dq``, which do not read the state gradients) and
+    :meth:`rest` (``dv``, ``dk``, the gate gradients; returns what :func:`chunk_bwd` returns).
+    ``dv_acc`` and ``dg_acc`` are read by :meth:`rest` and may be set as attributes until then."""
+
+    def __init__(self, q, k, v, Gk, Gv, h, A, o_nd, do, dht, scale, initial_state, cu_seqlens, chunk_size,
+                 need_dgk, need_dgv, gate_dtypes=(torch.float32, torch.float32), softmax_q=None, dv_acc=None,
+                 dg_acc=None, decayed_input=None, decay_dh=False, dh_input=None, decay_dq=False, defer_dg=False,
+                 silu=None):
+        if dg_acc is not None and need_dgk and need_dgv:
+            raise ValueError("dg_acc goes to one gate gradient; both were asked for")
+        self.q, self.k, self.v, self.Gk, self.Gv, self.h, self.A, self.o_nd, self.do = q, k, v, Gk, Gv, h, A, o_nd, do
+        self.dht, self.scale, self.initial_state, self.cu_seqlens, self.chunk_size = (dht, scale, initial_state,
+                                                                                      cu_seqlens, chunk_size)
+        self.need_dgk, self.need_dgv, self.gate_dtypes, self.softmax_q = need_dgk, need_dgv, gate_dtypes, softmax_q
+        self.dv_acc, self.dg_acc, self.decayed_input, self.decay_dh = dv_acc, dg_acc, decayed_input, decay_dh
+        self.dh_input, self.decay_dq, self.defer_dg, self.silu = dh_input, decay_dq, defer_dg, silu or {}
+        self.cdt = compute_dtype(k, v, q)
+
+    def states(self):
+        """The chunk-boundary states (recomputed if not kept) and the state gradients' scan."""
+        q, k, v, Gk, Gv, cdt = self.q, self.k, self.v, self.Gk, self.Gv, self.cdt
+        if self.h is None:  # recompute the chunk-boundary states instead of having kept them
+            self.h, _ = chunk_fwd_h(*_scan_inputs(k, v, Gk, self.decayed_input), Gk, Gv, self.initial_state,
+                                    False, self.cu_seqlens, self.chunk_size, cdt, cdt,
+                                    decayed=self.decayed_input is not None)
+        q_in, do_in = q, self.do
+        if self.decay_dh:
+            dh_input = self.dh_input
+            if dh_input is None:
+                dh_input = decay_fwd(q, Gk, cdt) if Gk is not None else decay_fwd(self.do, Gv, cdt)
+            q_in, do_in = (dh_input, self.do) if Gk is not None else (q, dh_input)
+        self.dh, self.dh0, self.hdk, self.hdv = chunk_bwd_dh(
+            q_in, do_in, Gk, Gv, self.dht, self.scale, self.cu_seqlens, self.chunk_size, k.shape[2],
+            self.initial_state is not None, cdt, cdt, self.h, self.need_dgk, self.need_dgv, decayed=self.decay_dh)
+
+    def queries(self):
+        """The score gradients (made by the dq kernel where it can: ungated, see chunk_fwd) and ``dq``."""
+        do, k, v, Gk, Gv, cdt = self.do, self.k, self.v, self.Gk, self.Gv, self.cdt
+        if self.h is None:
+            raise RuntimeError("ChunkBackward.queries needs the states: call states() first, or pass h")
+        fuse = Gv is None and lower_fuses_scores(k.shape[-1], self.softmax_q)
+        self.dA = (scores_buffer(do, self.chunk_size) if fuse
+                   else chunk_scores(do, v, Gv, self.scale, self.cu_seqlens, self.chunk_size, cdt))
+        dq = chunk_apply_lower(do, Gv, self.h, k, Gk, self.dA, self.scale, self.cu_seqlens, self.chunk_size,
+                               self.q.dtype, cdt, transpose_m=True, no_diag=self.need_dgk, softmax=self.softmax_q,
+                               decayed_dtype=cdt if self.decay_dq else None, scores_from=v if fuse else None,
+                               silu=self.silu.get("q"))
+        self.dq, self.dq_nd, self.dqd = _unpack(dq, self.need_dgk, self.decay_dq)
+        return self.dq, self.dqd
+
+    def rest(self):
+        """``dv``, ``dk`` and the gate gradients: ``(dq, dk, dv, dgk, dgv, dh0, dqd)``."""
+        q, k, v, Gk, Gv, cdt, dh = self.q, self.k, self.v, self.Gk, self.Gv, self.cdt, self.dh
+        cu_seqlens, chunk_size = self.cu_seqlens, self.chunk_size
+        dv = chunk_apply_upper(k, Gk, dh, self.do, Gv, self.A, 1.0, cu_seqlens, chunk_size, v.dtype, cdt,
+                               no_diag=self.need_dgv, acc=self.dv_acc, silu=self.silu.get("v"))
+        dk = chunk_apply_upper(v, Gv, dh, q, Gk, self.dA, 1.0, cu_seqlens, chunk_size, k.dtype, cdt,
+                               transpose_m=True, no_diag=self.need_dgk, silu=self.silu.get("k"))
+        dgk = dgv = None
+        if self.need_dgk:
+            dk, dk_nd, dk_st = dk
+            dgk = GateGradTerms(q, self.dq_nd, k, dk_nd, dk_st, self.hdk)
+            if not self.defer_dg:
+                dgk = chunk_gate_grad(*dgk, cu_seqlens, chunk_size, self.gate_dtypes[0], self.dg_acc)
+        if self.need_dgv:
+            dv, dv_nd, dv_st = dv
+            dgv = GateGradTerms(self.do, self.o_nd, v, dv_nd, dv_st, self.hdv)
+            if not self.defer_dg:
+                dgv = chunk_gate_grad(*dgv, cu_seqlens, chunk_size, self.gate_dtypes[1], self.dg_acc)
+        return self.dq, dk, dv, dgk, dgv, self.dh0, self.dqd
 
 
 def _forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens, chunk_size,

@@ -14,9 +14,11 @@ backward scans' inputs. CPU tensors and float64 compose the PyTorch ops instead.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from fla_gsa.ops.common.chunk import chunk_bwd, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
+from fla_gsa.ops.common.chunk import ChunkBackward, chunk_fwd, chunk_linear_attn_unchecked, compute_dtype
 from fla_gsa.ops.common.chunk_h import chunk_fwd_h_slots
 from fla_gsa.ops.gsa.inputs import check_sizes, gsa_gates_bwd, gsa_inputs, gsa_inputs_fwd
 from fla_gsa.ops.gsa.utils import abc_slot_gates, check_gsa
@@ -24,6 +26,7 @@ from fla_gsa.ops.utils import replay
 from fla_gsa.ops.utils.backend import use_kernels
 from fla_gsa.ops.utils.checks import check_checkpoint_level, check_chunk_size, check_tensor
 from fla_gsa.ops.utils.cumsum import cumsum_fwd
+from fla_gsa.ops.utils.launch import join_side_stream, on_side_stream
 from fla_gsa.ops.utils.precompile import precompile
 
 
@@ -39,6 +42,9 @@ FUSED_SOFTMAX_MAX_SLOTS = 256
 # H = 4, K = V = 512, M = 64) took 1.60 / 1.75 / 1.81 ms of GPU time at 8 x 2048 / 4 x 4096 / 1 x 16384,
 # against 1.69 / 1.97 / 2.2 ms without.
 DECAYED_SCANS = True
+# The backward's two state-gradient scans (few programs, latency-bound) run on a side stream beside the
+# launches that do not read them (see _gsa_backward).
+SIDE_STREAM_SCANS = True
 
 
 def _forward(ctx, q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens, chunk_size, checkpoint_level):
@@ -94,7 +100,12 @@ def _gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens,
 def _gsa_backward(saved, meta, do, dhkt, dhvt, silu=None):
     """Both passes backward: ``(dq, dk, dv, ds, dg, dhk0, dhv0)``. ``silu``: where ``q``, ``k``, ``v``
     are ``silu`` of a fused projection's parts, ``{"q": (pre, out), "k": ..., "v": ...}``: their kernels
-    store the gradients of those parts into the views ``out`` instead (see ``chunk_bwd``)."""
+    store the gradients of those parts into the views ``out`` instead (see ``chunk_bwd``).
+
+    The launches interleave the passes (``ChunkBackward``'s stages): each pass's state-gradient scan runs
+    on a side stream (``SIDE_STREAM_SCANS``) beside the launches that do not read it, pass V's ``dq`` (the
+    gradient through the softmax, which pass K's scan then reads) and pass K's score gradients and
+    ``dq``; the ``dv`` and ``dk`` launches of both passes follow the join."""
     q, k, v, s, G, p, hk, hv, Ak, Av, ok_nd, hk0, hv0, cu_seqlens, sd, pd = saved
     scale, chunk_size, fuse, need_dg, g_dtype, decayed, cdt = meta
     silu = silu or {}
@@ -104,19 +115,33 @@ def _gsa_backward(saved, meta, do, dhkt, dhvt, silu=None):
     # pass V: gradients of p (through the softmax when fused), s (as keys), v; decayed with a fused
     # softmax also dok * e^G for pass K's backward scan; the terms of g's gradient (key side), which
     # pass K's gate-gradient launch sums with its own
-    dok, ds, dv, dg, _, dhv0, dokd = chunk_bwd(
+    bv = ChunkBackward(
         p, s, v, G, None, hv, Av, None, do, dhvt.contiguous() if dhvt is not None else None, 1.0, hv0,
         cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
         decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True,
         silu={"v": silu["v"]} if "v" in silu else None)
-    del hv  # a recomputed one is freed before pass K's backward
+    # the scans on the side stream read only what exists before them (the states are given, the scans'
+    # gated inputs too: side launches may not run PyTorch ops)
+    side = SIDE_STREAM_SCANS and hv is not None and hk is not None and (not decayed or pd is not None)
+    with on_side_stream(do) if side else contextlib.nullcontext():
+        bv.states()
+    dok, dokd = bv.queries()
     if not fuse:
         dok = p * (dok - (p * dok).sum(-1, keepdim=True))
     # pass K: gradients of q, k, s (as values, plus pass V's), g (value side, plus pass V's)
-    dq, dk, ds, _, dg, dhk0, _ = chunk_bwd(
+    bk = ChunkBackward(
         q, k, s, None, G, hk, Ak, ok_nd, dok, dhkt.contiguous() if dhkt is not None else None, scale, hk0,
-        cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), dv_acc=ds, dg_acc=dg,
-        decayed_input=sd, decay_dh=decayed, dh_input=dokd, silu={n: silu[n] for n in ("q", "k") if n in silu})
+        cu_seqlens, chunk_size, False, need_dg, (g_dtype, g_dtype), decayed_input=sd, decay_dh=decayed,
+        dh_input=dokd, silu={n: silu[n] for n in ("q", "k") if n in silu})
+    side = side and (not decayed or dokd is not None)
+    with on_side_stream(do) if side else contextlib.nullcontext():
+        bk.states()
+    bk.queries()
+    join_side_stream(do)
+    _, ds, dv, dg, _, dhv0, _ = bv.rest()
+    del hv, bv  # a recomputed hv is freed before pass K's dv and dk
+    bk.dv_acc, bk.dg_acc = ds, dg
+    dq, dk, ds, _, dg, dhk0, _ = bk.rest()
     dhk0 = dhk0.to(hk0.dtype) if dhk0 is not None else None
     dhv0 = dhv0.to(hv0.dtype) if dhv0 is not None else None
     return dq, dk, dv, ds, dg, dhk0, dhv0

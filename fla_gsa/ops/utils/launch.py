@@ -92,6 +92,7 @@ class LeanKernel:
         key = (*key, *meta.items())
         entry = self.cache.get(key)
         recorder = getattr(_mode, "recorder", None)
+        side = getattr(_mode, "side", None)
         n = len(grid)
         grid3 = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         if entry is None:
@@ -103,7 +104,7 @@ class LeanKernel:
         if recorder is not None:
             recorder.launch(compiled, grid3, args, tail)
         full = (*full, *tail)
-        stream = _stream(key[0])
+        stream = _stream(key[0]) if side is None else side.cuda_stream
         enter, leave = launch_hooks()
         compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,
                      None if enter is None and leave is None else compiled.launch_metadata(grid, stream, *full),
@@ -127,7 +128,9 @@ class LeanKernel:
         runtime_kw = [n for n in meta if n in self.names and n not in self.constexprs]
         if runtime_kw:
             raise TypeError(f"{self.fn}: pass runtime arguments {runtime_kw} positionally")
-        compiled = self.fn[grid](*args, **meta)
+        side = getattr(_mode, "side", None)
+        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+            compiled = self.fn[grid](*args, **meta)
         if hasattr(compiled, "result"):  # an asynchronous compile
             compiled = compiled.result()
         # every later parameter is a keyword or has a default: Triton's call above raised otherwise
@@ -167,6 +170,56 @@ def launch_hooks():
 # per thread: whether lean launches only submit compilations (compile_only), and the recorder that sees
 # them while a call is recorded for replay (fla_gsa.ops.utils.replay)
 _mode = threading.local()
+
+
+# Side streams, one per device: an op may run a few launches beside the ones on the current stream
+# (on_side_stream, join_side_stream)
+_side_streams: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+@contextlib.contextmanager
+def on_side_stream(x: torch.Tensor):
+    """Inside, this thread's lean launches go to a side stream of ``x``'s device, which first waits for
+    everything queued on the current stream so far (a fork); :func:`join_side_stream` makes the current
+    stream wait for the side stream again. For two latency-bound launches that depend on nothing of each
+    other and together fill the GPU better than one after the other.
+
+    Allocations stay with the current stream: a tensor made inside is made before its launch is queued
+    and so after the fork, and the caller keeps every tensor a side launch touches until it has joined.
+    Only lean launches may run inside (a PyTorch op would run on the current stream). A recorded call
+    (``replay``) records the fork, the launches' stream and the join. Does nothing for CPU tensors (the
+    interpreter) or while kernels are only compiled."""
+    if not x.is_cuda or getattr(_mode, "compile_only", False):
+        yield
+        return
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    recorder = getattr(_mode, "recorder", None)
+    if recorder is not None:
+        recorder.stream_step("fork")
+    _mode.side = side
+    try:
+        yield
+    finally:
+        _mode.side = None
+
+
+def join_side_stream(x: torch.Tensor) -> None:
+    """The current stream of ``x``'s device waits for everything queued on its side stream (see
+    :func:`on_side_stream`)."""
+    if not x.is_cuda or getattr(_mode, "compile_only", False):
+        return
+    torch.cuda.current_stream(x.device).wait_stream(_side_stream(x.device))
+    recorder = getattr(_mode, "recorder", None)
+    if recorder is not None:
+        recorder.stream_step("join")
 
 
 def direct_launch_ok() -> bool:

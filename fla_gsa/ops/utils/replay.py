@@ -238,8 +238,13 @@ class _Recorder(TorchDispatchMode):
                 base.append(0)
             else:
                 base.append(a)
+        side = getattr(launch._mode, "side", None) is not None
         self.steps.append(("launch", (compiled.run, *grid3, compiled.function, compiled.packed_metadata,
-                                      base + list(tail), refs)))
+                                      base + list(tail), refs, side)))
+
+    def stream_step(self, kind):
+        """A fork to the side stream or a join from it (``launch.on_side_stream``), at this point."""
+        self.steps.append((kind, None))
 
     def _ref(self, t):
         """How a replay gets tensor ``t`` back: None, ``("in", i)`` (input i itself), or a slot's tensor
@@ -280,18 +285,28 @@ class _Plan:
         last = {}
         for i, (kind, step) in enumerate(rec.steps):
             if kind == "launch":
-                for _, slot, _ in step[-1]:
+                for _, slot, _ in step[-2]:
                     last[slot] = i
         self.allocs, self.steps = {}, []
+        deferred = []  # buffers last used on the side stream: released at the next join
         for i, (kind, step) in enumerate(rec.steps):
             if kind == "alloc":
                 if step not in keep and step not in last:
                     continue  # never used: not made again
                 self.allocs[step] = rec.roots[step][1:]
                 self.steps.append((step, None, ()))
+            elif kind in ("fork", "join"):
+                self.steps.append((None, kind, tuple(deferred) if kind == "join" else ()))
+                if kind == "join":
+                    deferred = []
             else:
                 free = tuple(s for s, j in last.items() if j == i and s >= n_in and s not in keep)
+                if step[-1]:
+                    deferred += free
+                    free = ()
                 self.steps.append((None, step, free))
+        if deferred:  # a side launch with no join after it
+            raise NotReplayable
         self.n_slots = len(rec.roots)
         self.outs, self.multi, self.saved, self.attrs = outs, multi, saved, attrs
 
@@ -299,19 +314,28 @@ class _Plan:
         ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else 0 for a in inputs]
         ptrs += [0] * (self.n_slots - len(ptrs))
         tensors = list(inputs) + [None] * (self.n_slots - len(inputs))
-        stream = launch._stream(launch._device())
+        device = launch._device()
+        stream = side = launch._stream(device)
         for slot, step, free in self.steps:
             if step is None:
-                size, stride, dtype, device = self.allocs[slot]
-                t = torch.empty_strided(size, stride, dtype=dtype, device=device)
+                size, stride, dtype, device_ = self.allocs[slot]
+                t = torch.empty_strided(size, stride, dtype=dtype, device=device_)
                 tensors[slot] = t
                 ptrs[slot] = t.data_ptr()
                 continue
-            run, gx, gy, gz, function, packed, args, refs = step
-            args = args.copy()
-            for i, slot_, offset in refs:
-                args[i] = ptrs[slot_] + offset
-            run(gx, gy, gz, stream, function, packed, None, None, None, *args)
+            if step == "fork" or step == "join":
+                main, side_stream = torch.cuda.current_stream(device), launch._side_stream(torch.device("cuda", device))
+                if step == "fork":
+                    side_stream.wait_stream(main)
+                    side = side_stream.cuda_stream
+                else:
+                    main.wait_stream(side_stream)
+            else:
+                run, gx, gy, gz, function, packed, args, refs, on_side = step
+                args = args.copy()
+                for i, slot_, offset in refs:
+                    args[i] = ptrs[slot_] + offset
+                run(gx, gy, gz, side if on_side else stream, function, packed, None, None, None, *args)
             for s in free:
                 tensors[s] = None
         if self.saved is not None:

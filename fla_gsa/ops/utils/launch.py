@@ -191,11 +191,13 @@ def on_side_stream(x: torch.Tensor):
     stream wait for the side stream again. For two latency-bound launches that depend on nothing of each
     other and together fill the GPU better than one after the other.
 
-    Allocations stay with the current stream: a tensor made inside is made before its launch is queued
-    and so after the fork, and the caller keeps every tensor a side launch touches until it has joined.
-    Only lean launches may run inside (a PyTorch op would run on the current stream). A recorded call
-    (``replay``) records the fork, the launches' stream and the join. Does nothing for CPU tensors (the
-    interpreter) or while kernels are only compiled."""
+    Inside, the side stream is also PyTorch's current stream, so tensors made inside come from its
+    memory pool: a temporary that a launch function frees before the side stream has run its launches
+    goes back to the side stream's pool, whose next use is queued after that work (side work always
+    starts with a fork). The caller keeps the tensors it gave the side launches until it has joined. A
+    recorded call (``replay``) records the fork, the launches' stream and the join, and its replay makes
+    the allocations on the current stream and releases the buffers last used on the side at the join.
+    Does nothing for CPU tensors (the interpreter) or while kernels are only compiled."""
     if not x.is_cuda or getattr(_mode, "compile_only", False):
         yield
         return
@@ -206,7 +208,8 @@ def on_side_stream(x: torch.Tensor):
         recorder.stream_step("fork")
     _mode.side = side
     try:
-        yield
+        with torch.cuda.stream(side):
+            yield
     finally:
         _mode.side = None
 

@@ -218,6 +218,11 @@ class HybridModel(HybridPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
+def _next_token_targets(labels: torch.Tensor, ignore: int) -> torch.Tensor:
+    """``labels [B, T]`` shifted left by one, ``ignore`` in the last position, flattened to ``[B * T]``."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1).view(-1)
+
+
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     """:class:`HybridModel` with a language-model head.
 
@@ -293,7 +298,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if fused and isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
             # next-token targets, and their range check begun now: the loss then waits for that check
             # alone, not for the layers queued after it (a sync there would drain the GPU's queue)
-            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1).view(-1)
+            targets = _next_token_targets(labels, ignore)
             label_check = LabelCheck(targets, self.lm_head.out_features, ignore)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -305,7 +310,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if labels.shape != hidden_states.shape[:2]:
                 raise ValueError(f"labels must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
             if targets is None:
-                targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore)], dim=1).view(-1)
+                targets = _next_token_targets(labels, ignore)
             if targets.device != hidden_states.device:
                 targets, label_check = targets.to(hidden_states.device), None
             reduction = "mean" if num_items_in_batch is None else "sum"

@@ -10,6 +10,8 @@ instead of a sum of one per layer.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -88,13 +90,11 @@ def join_cast(weights, dtype: torch.dtype) -> torch.Tensor:
     for i in range(0, len(weights), CAST_SOURCES):
         group = weights[i:i + CAST_SOURCES]
         sizes = [w.numel() for w in group]
-        starts = [start + sum(sizes[:j]) for j in range(len(group))]
-        pad = CAST_SOURCES - len(group)
-        srcs = list(group) + [group[0]] * pad
-        ns = sizes + [0] * pad
-        sts = [s - starts[0] for s in starts] + [0] * pad
+        offsets = list(itertools.accumulate(sizes[:-1], initial=0))  # of each source in this group's rows
+        pad = CAST_SOURCES - len(group)  # unused source slots: size 0, no program reads them
         join_cast_kernel[(cdiv(max(sizes), CAST_BLOCK), len(group))](
-            flat[starts[0]:], *srcs, *ns, *sts[1:], BLOCK=CAST_BLOCK, num_warps=4)
+            flat[start:], *group, *[group[0]] * pad, *sizes, *[0] * pad, *(offsets[1:] + [0] * pad),
+            BLOCK=CAST_BLOCK, num_warps=4)
         start += sum(sizes)
     return out
 

@@ -120,8 +120,8 @@ def _gsa_backward(saved, meta, do, dhkt, dhvt, silu=None):
         cu_seqlens, chunk_size, need_dg, False, (torch.float32, torch.float32), softmax_q=p if fuse else None,
         decayed_input=sd, decay_dh=decayed, dh_input=pd, decay_dq=decayed and fuse, defer_dg=True,
         silu={"v": silu["v"]} if "v" in silu else None)
-    # the scans on the side stream read only what exists before them (the states are given, the scans'
-    # gated inputs too: side launches may not run PyTorch ops)
+    # a scan goes to the side stream only where its stage is the scan alone: the states given (a
+    # recomputation there would be read by queries() before the join) and the scan's gated input too
     side = SIDE_STREAM_SCANS and hv is not None and hk is not None and (not decayed or pd is not None)
     with on_side_stream(do) if side else contextlib.nullcontext():
         bv.states()

@@ -92,7 +92,6 @@ class LeanKernel:
         key = (*key, *meta.items())
         entry = self.cache.get(key)
         recorder = getattr(_mode, "recorder", None)
-        side = getattr(_mode, "side", None)
         n = len(grid)
         grid3 = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         if entry is None:
@@ -104,7 +103,7 @@ class LeanKernel:
         if recorder is not None:
             recorder.launch(compiled, grid3, args, tail)
         full = (*full, *tail)
-        stream = _stream(key[0]) if side is None else side.cuda_stream
+        stream = _stream(key[0])  # inside on_side_stream: the side stream
         enter, leave = launch_hooks()
         compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata,
                      None if enter is None and leave is None else compiled.launch_metadata(grid, stream, *full),
@@ -128,9 +127,7 @@ class LeanKernel:
         runtime_kw = [n for n in meta if n in self.names and n not in self.constexprs]
         if runtime_kw:
             raise TypeError(f"{self.fn}: pass runtime arguments {runtime_kw} positionally")
-        side = getattr(_mode, "side", None)
-        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-            compiled = self.fn[grid](*args, **meta)
+        compiled = self.fn[grid](*args, **meta)
         if hasattr(compiled, "result"):  # an asynchronous compile
             compiled = compiled.result()
         # every later parameter is a keyword or has a default: Triton's call above raised otherwise
@@ -186,18 +183,18 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 @contextlib.contextmanager
 def on_side_stream(x: torch.Tensor):
-    """Inside, this thread's lean launches go to a side stream of ``x``'s device, which first waits for
-    everything queued on the current stream so far (a fork); :func:`join_side_stream` makes the current
-    stream wait for the side stream again. For two latency-bound launches that depend on nothing of each
-    other and together fill the GPU better than one after the other.
+    """Inside, a side stream of ``x``'s device is PyTorch's current stream, so launches (and PyTorch ops)
+    go there; it first waits for everything queued on the current stream so far (a fork), and
+    :func:`join_side_stream` makes the current stream wait for it again. For latency-bound launches that
+    depend on nothing of the ones queued beside them and together fill the GPU better.
 
-    Inside, the side stream is also PyTorch's current stream, so tensors made inside come from its
-    memory pool: a temporary that a launch function frees before the side stream has run its launches
-    goes back to the side stream's pool, whose next use is queued after that work (side work always
-    starts with a fork). The caller keeps the tensors it gave the side launches until it has joined. A
-    recorded call (``replay``) records the fork, the launches' stream and the join, and its replay makes
-    the allocations on the current stream and releases the buffers last used on the side at the join.
-    Does nothing for CPU tensors (the interpreter) or while kernels are only compiled."""
+    Tensors made inside come from the side stream's memory pool: a temporary that a launch function frees
+    before the side stream has run its launches goes back to that pool, whose next use is queued after
+    that work (side work always starts with a fork). The caller keeps the tensors it gave the side
+    launches until it has joined. A recorded call (``replay``) records the fork, which launches ran on the
+    side (``_mode.side``) and the join; its replay makes the allocations on the current stream and
+    releases the buffers last used on the side at the join. Does nothing for CPU tensors (the
+    interpreter) or while kernels are only compiled."""
     if not x.is_cuda or getattr(_mode, "compile_only", False):
         yield
         return

@@ -130,3 +130,7 @@ def test_join_cast(count):
     assert out.dtype == dtype and out.shape == (sum(w.shape[0] for w in weights), 19)
     assert torch.equal(out, torch.cat(weights).to(dtype))
     assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \[N, 19\]"):
+        join_cast([weights[0], torch.randn(4, 18, device=DEVICE)], dtype)
+    with pytest.raises(ValueError, match="non-empty"):
+        join_cast([], dtype)

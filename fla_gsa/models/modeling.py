@@ -15,9 +15,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from fla_gsa.layers import ABCAttention, Attention, Cache, GatedLinearAttention, GatedSlotAttention
 from fla_gsa.models.configuration import ABCConfig, GLAConfig, GSAConfig, HybridConfig, TransformerConfig
-from fla_gsa.modules import GatedMLP, RMSNorm
+from fla_gsa.modules import GatedMLP, RMSNorm, weight_cast
 from fla_gsa.modules.cross_entropy import LabelCheck
 from fla_gsa.modules.linear_cross_entropy import linear_cross_entropy_checked
+from fla_gsa.modules.weight_cast import WeightCasts
 
 try:  # transformers >= 4.48
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -116,6 +117,13 @@ class HybridPreTrainedModel(PreTrainedModel):
         # generate() must not build a DynamicCache: the model creates its own Cache on the first call
         return False
 
+    def _precast(self, base: "HybridModel") -> bool:
+        # make the forward's weight casts in one launch at its start (fla_gsa.modules.weight_cast) where
+        # it keeps them for a backward anyway: grad enabled, CUDA autocast, no activation checkpointing
+        return (weight_cast.PRECAST and torch.is_grad_enabled() and torch.is_autocast_enabled("cuda")
+                and not base.gradient_checkpointing
+                and not any(getattr(layer, "gradient_checkpointing", False) for layer in base.layers[:1]))
+
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv1d)):
@@ -157,6 +165,7 @@ class HybridModel(HybridPreTrainedModel):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._weight_casts = WeightCasts()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -176,46 +185,47 @@ class HybridModel(HybridPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not supported: the recurrent layers have no attention matrix")
-        output_hidden_states = (output_hidden_states if output_hidden_states is not None
-                                else self.config.output_hidden_states)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(f"past_key_values must be a fla_gsa.layers.Cache (or None), got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            past_key_values = Cache()
+        with self._weight_casts.scope(self._precast(self)):
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
+            if kwargs.get("output_attentions"):
+                raise ValueError("output_attentions is not supported: the recurrent layers have no attention matrix")
+            output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+            return_dict = return_dict if return_dict is not None else self.config.return_dict
+            if use_cache is None:
+                use_cache = self.config.use_cache and not self.training
+            if past_key_values is not None and not isinstance(past_key_values, Cache):
+                raise TypeError(f"past_key_values must be a fla_gsa.layers.Cache (or None), got {type(past_key_values).__name__}")
+            if use_cache and past_key_values is None:
+                past_key_values = Cache()
 
-        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if attention_mask is not None:
-            if attention_mask.ndim != 2:
-                raise ValueError(f"attention_mask must be a [B, S] mask of 1 (token) / 0 (padding), got shape "
-                                 f"{tuple(attention_mask.shape)}")
-            if bool(attention_mask[:, -hidden_states.shape[1]:].all()):
-                attention_mask = None  # no padding among these tokens: every layer takes its fast path
-            # (an attention layer's cache remembers the padding of earlier calls itself)
+            hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+            if attention_mask is not None:
+                if attention_mask.ndim != 2:
+                    raise ValueError(f"attention_mask must be a [B, S] mask of 1 (token) / 0 (padding), got shape "
+                                     f"{tuple(attention_mask.shape)}")
+                if bool(attention_mask[:, -hidden_states.shape[1]:].all()):
+                    attention_mask = None  # no padding among these tokens: every layer takes its fast path
+                # (an attention layer's cache remembers the padding of earlier calls itself)
 
-        all_hidden_states = () if output_hidden_states else None
-        residual = None  # the residual stream beside each block's output (see HybridBlock)
-        for layer in self.layers:
+            all_hidden_states = () if output_hidden_states else None
+            residual = None  # the residual stream beside each block's output (see HybridBlock)
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states if residual is None else residual + hidden_states,)
+                # both tensors positional: reentrant checkpointing passes gradients to positional inputs only
+                hidden_states, residual = layer(hidden_states, residual, attention_mask=attention_mask,
+                                                past_key_values=past_key_values, use_cache=use_cache,
+                                                return_residual=True)
+            hidden_states = self.norm(hidden_states, residual)
             if output_hidden_states:
-                all_hidden_states += (hidden_states if residual is None else residual + hidden_states,)
-            # both tensors positional: reentrant checkpointing passes gradients to positional inputs only
-            hidden_states, residual = layer(hidden_states, residual, attention_mask=attention_mask,
-                                            past_key_values=past_key_values, use_cache=use_cache,
-                                            return_residual=True)
-        hidden_states = self.norm(hidden_states, residual)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+                all_hidden_states += (hidden_states,)
 
-        out = BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                      past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=all_hidden_states)
-        return out if return_dict else out.to_tuple()
+            out = BaseModelOutputWithPast(last_hidden_state=hidden_states,
+                                          past_key_values=past_key_values if use_cache else None,
+                                          hidden_states=all_hidden_states)
+            return out if return_dict else out.to_tuple()
 
 
 def _next_token_targets(labels: torch.Tensor, ignore: int) -> torch.Tensor:
@@ -254,6 +264,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._weight_casts = WeightCasts()
         self.post_init()
 
     base_model_class = HybridModel
@@ -290,50 +301,51 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return_logits: bool | None = None,
         **kwargs,
     ):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        ignore = -100
-        fused = labels is not None and self.config.fuse_linear_cross_entropy
-        targets = label_check = None
-        if fused and isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
-            # next-token targets, and their range check begun now: the loss then waits for that check
-            # alone, not for the layers queued after it (a sync there would drain the GPU's queue)
-            targets = _next_token_targets(labels, ignore)
-            label_check = LabelCheck(targets, self.lm_head.out_features, ignore)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
-        hidden_states = outputs.last_hidden_state
-
-        loss = logits = None
-        if labels is not None:
-            if labels.shape != hidden_states.shape[:2]:
-                raise ValueError(f"labels must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
-            if targets is None:
+        with self._weight_casts.scope(self._precast(self.model)):
+            return_dict = return_dict if return_dict is not None else self.config.return_dict
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            ignore = -100
+            fused = labels is not None and self.config.fuse_linear_cross_entropy
+            targets = label_check = None
+            if fused and isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
+                # next-token targets, and their range check begun now: the loss then waits for that check
+                # alone, not for the layers queued after it (a sync there would drain the GPU's queue)
                 targets = _next_token_targets(labels, ignore)
-            if targets.device != hidden_states.device:
-                targets, label_check = targets.to(hidden_states.device), None
-            reduction = "mean" if num_items_in_batch is None else "sum"
-            if fused:
-                loss = linear_cross_entropy_checked(hidden_states.reshape(-1, hidden_states.shape[-1]),
-                                                    self.lm_head.weight, targets, self.lm_head.bias,
-                                                    ignore, reduction, label_check=label_check)
-            else:
-                logits = self.lm_head(hidden_states)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore,
-                                       reduction=reduction)
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-        if logits is None and (labels is None or return_logits):
-            if isinstance(logits_to_keep, int):
-                kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-            else:
-                kept = hidden_states[:, logits_to_keep]
-            logits = self.lm_head(kept)
+                label_check = LabelCheck(targets, self.lm_head.out_features, ignore)
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+            hidden_states = outputs.last_hidden_state
 
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states)
-        return out if return_dict else out.to_tuple()
+            loss = logits = None
+            if labels is not None:
+                if labels.shape != hidden_states.shape[:2]:
+                    raise ValueError(f"labels must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
+                if targets is None:
+                    targets = _next_token_targets(labels, ignore)
+                if targets.device != hidden_states.device:
+                    targets, label_check = targets.to(hidden_states.device), None
+                reduction = "mean" if num_items_in_batch is None else "sum"
+                if fused:
+                    loss = linear_cross_entropy_checked(hidden_states.reshape(-1, hidden_states.shape[-1]),
+                                                        self.lm_head.weight, targets, self.lm_head.bias,
+                                                        ignore, reduction, label_check=label_check)
+                else:
+                    logits = self.lm_head(hidden_states)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore,
+                                           reduction=reduction)
+                if num_items_in_batch is not None:
+                    loss = loss / num_items_in_batch
+            if logits is None and (labels is None or return_logits):
+                if isinstance(logits_to_keep, int):
+                    kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+                else:
+                    kept = hidden_states[:, logits_to_keep]
+                logits = self.lm_head(kept)
+
+            out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                         hidden_states=outputs.hidden_states)
+            return out if return_dict else out.to_tuple()
 
 
 # -- the registered models: the same code, each with its own config class ---------------------------

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fla_gsa.modules.linear import mm_fp32
+from fla_gsa.modules.weight_cast import half_weight
 from fla_gsa.ops.utils.backend import use_triton
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
 from fla_gsa.ops.utils.launch import lean
@@ -158,7 +159,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
     def forward(ctx, a, b, weight, bias):
         A, B = _halves(a, b)
         h = _swiglu_fwd(A, B)
-        w = weight.to(h.dtype)  # kept for dh (cast once, as autocast would keep it)
+        w = half_weight([weight], h.dtype)  # kept for dh (cast once, as autocast would keep it)
         y = F.linear(h, w, bias.to(h.dtype) if bias is not None else None)
         ctx.save_for_backward(A, B, w)
         ctx.packed, ctx.shape = b is None, a.shape

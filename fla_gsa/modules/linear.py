@@ -10,17 +10,11 @@ instead of a sum of one per layer.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from fla_gsa.ops.utils.backend import use_triton
+from fla_gsa.modules.weight_cast import half_weight, join_cast  # noqa: F401 (join_cast: re-exported)
 from fla_gsa.ops.utils.checks import check_tensor
-from fla_gsa.ops.utils.launch import lean
-from fla_gsa.ops.utils.triton_utils import cdiv
 
 HALF = (torch.float16, torch.bfloat16)
 _OUT_DTYPE = {"ok": True}  # whether this PyTorch has matrix products with out_dtype
@@ -52,78 +46,13 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return out.add_(a @ b)
 
 
-# Elements per program of the joined cast, and sources per launch.
-CAST_BLOCK = 8192
-CAST_SOURCES = 4
-
-
-@lean
-@triton.jit
-def join_cast_kernel(dst, s0, s1, s2, s3, n0, n1, n2, n3, st1, st2, st3, BLOCK: tl.constexpr):
-    # dst[start_j + i] = s_j[i] in dst's dtype; program (i_b, j) casts block i_b of source j (up to 4)
-    i_b, i_s = tl.program_id(0), tl.program_id(1)
-    o = i_b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if i_s == 0:
-        m = o < n0
-        tl.store(dst + o, tl.load(s0 + o, mask=m).to(dst.dtype.element_ty), mask=m)
-    elif i_s == 1:
-        m = o < n1
-        tl.store(dst + st1 + o, tl.load(s1 + o, mask=m).to(dst.dtype.element_ty), mask=m)
-    elif i_s == 2:
-        m = o < n2
-        tl.store(dst + st2 + o, tl.load(s2 + o, mask=m).to(dst.dtype.element_ty), mask=m)
-    else:
-        m = o < n3
-        tl.store(dst + st3 + o, tl.load(s3 + o, mask=m).to(dst.dtype.element_ty), mask=m)
-
-
-def join_cast(weights, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.cat(weights).to(dtype)`` without the fp32 concatenation: each weight is cast straight into
-    its rows of the joined result, by one Triton launch per four weights (``torch._foreach_copy_`` took
-    about 2.1 TB/s on an H100 for the 1.3B model's joined weights: it launches few programs).
-
-    Args:
-        weights: a non-empty list of ``[N_i, D]`` tensors on one device (one ``D``).
-        dtype: the result's dtype.
-
-    Returns:
-        ``[sum N_i, D]`` in ``dtype``.
-    """
-    if not weights:
-        raise ValueError("weights must be a non-empty list of [N_i, D] tensors")
-    for i, w in enumerate(weights):
-        check_tensor(w, f"weights[{i}]", 2, "[N, D]")
-        if w.shape[1] != weights[0].shape[1] or w.device != weights[0].device:
-            raise ValueError(f"weights[{i}] must be [N, {weights[0].shape[1]}] on {weights[0].device} like "
-                             f"weights[0], got {tuple(w.shape)} on {w.device}")
-    rows = [w.shape[0] for w in weights]
-    out = torch.empty(sum(rows), weights[0].shape[1], dtype=dtype, device=weights[0].device)
-    if not use_triton(out) or any(not w.is_contiguous() for w in weights):
-        torch._foreach_copy_(list(out.split(rows)), list(weights))
-        return out
-    flat, start = out.view(-1), 0
-    for i in range(0, len(weights), CAST_SOURCES):
-        group = weights[i:i + CAST_SOURCES]
-        sizes = [w.numel() for w in group]
-        offsets = list(itertools.accumulate(sizes[:-1], initial=0))  # of each source in this group's rows
-        pad = CAST_SOURCES - len(group)  # unused source slots: size 0, no program reads them
-        join_cast_kernel[(cdiv(max(sizes), CAST_BLOCK), len(group))](
-            flat[start:], *group, *[group[0]] * pad, *sizes, *[0] * pad, *(offsets[1:] + [0] * pad),
-            BLOCK=CAST_BLOCK, num_warps=4)
-        start += sum(sizes)
-    return out
-
-
 class HalfLinearFunction(torch.autograd.Function):
     # x in half precision; fp32 weights (autocast's masters) cast to x's dtype and concatenated. The
     # cast weight is kept for dx, as autocast would keep it; the weight gradients come out in fp32
     # from one product.
     @staticmethod
     def forward(ctx, x, bias, *weights):
-        if len(weights) > 1:  # cast straight into the joined weight (no cast copies and a cat)
-            w = join_cast(weights, x.dtype)
-        else:
-            w = weights[0].to(x.dtype)
+        w = half_weight(weights, x.dtype)  # made at the forward's start, or joined and cast now
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
         ctx.save_for_backward(x, w)

@@ -29,6 +29,7 @@ from fla_gsa.modules.cross_entropy import (
     cross_entropy_fwd,
 )
 from fla_gsa.modules.linear import HALF, mm_fp32
+from fla_gsa.modules.weight_cast import half_weight
 from fla_gsa.ops.utils.checks import check_same_device, check_tensor
 from fla_gsa.ops.utils.triton_utils import cdiv, next_power_of_2
 
@@ -63,6 +64,9 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, reducti
     compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else torch.promote_types(hidden.dtype, weight.dtype)
     C = chunk_size or default_chunk_size(N, D, V, compute_dtype.itemsize)
+    w_dtype = weight.dtype
+    if weight.dtype == torch.float32 and compute_dtype in HALF:  # the copy autocast would make, or the
+        weight = half_weight([weight], compute_dtype)            # one made at the forward's start
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = None  # fp32 (fp64 for fp64 inputs), written by the first chunk's product
@@ -93,7 +97,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, reducti
             db += dlogits_c.sum(0, dtype=torch.float32)
     if need_dw and dw is None:  # no rows
         dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device)
-    dw = dw.to(weight.dtype) if need_dw else None
+    dw = dw.to(w_dtype) if need_dw else None
     db = db.to(bias.dtype) if need_db else None
     return loss * scale[0], dh, dw, db
 

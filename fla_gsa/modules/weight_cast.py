@@ -105,14 +105,14 @@ _local = threading.local()  # .active: the WeightCasts whose forward runs in thi
 
 @lean
 @triton.jit
-def gather_cast_kernel(dst, src, table, BLOCK: tl.constexpr):
+def gather_cast_kernel(dst, src, table, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     # Program p casts `n` elements from `src + s` to `dst + d`, where (s, d, n) / ALIGN is row p of the
     # int64 table [P, 3]: `src` is the source at the lowest address, the others are reached by offsets
     # from it, so one launch reads any number of separately allocated weights.
     p = tl.program_id(0).to(tl.int64)
-    s = tl.load(table + p * 3) * 16
-    d = tl.load(table + p * 3 + 1) * 16
-    n = tl.load(table + p * 3 + 2) * 16
+    s = tl.load(table + p * 3) * ALIGN
+    d = tl.load(table + p * 3 + 1) * ALIGN
+    n = tl.load(table + p * 3 + 2) * ALIGN
     o = tl.arange(0, BLOCK)
     m = o < n
     tl.store(dst + d + o, tl.load(src + s + o, mask=m).to(dst.dtype.element_ty), mask=m)
@@ -133,6 +133,8 @@ class _Layout:
     def __init__(self, plan):
         dtype = plan[0][0][0]
         groups = [(key, ws) for key, ws in plan if key[0] == dtype and _castable(ws)]
+        # one launch reads from one device: groups on another (a model split over GPUs) are cast where used
+        groups = [(key, ws) for key, ws in groups if ws[0].device == groups[0][1][0].device]
         self.keys = [key for key, _ in plan]
         self.dtype, self.groups = dtype, [ws for _, ws in groups]
         self.places = {}  # key -> (group index, element offset, rows, cols)
@@ -171,7 +173,8 @@ class _Layout:
             torch._foreach_copy_([buf[s:s + w.numel()] for w, s in zip(self.sources, self.starts)],
                                  [w.view(-1) for w in self.sources])
         else:
-            gather_cast_kernel[(self.table.shape[0],)](buf, self.base, self.table, BLOCK=CAST_BLOCK, num_warps=8)
+            gather_cast_kernel[(self.table.shape[0],)](buf, self.base, self.table, BLOCK=CAST_BLOCK,
+                                                       ALIGN=ALIGN, num_warps=8)
         return buf
 
 
@@ -252,4 +255,4 @@ def half_weight(weights, dtype: torch.dtype) -> torch.Tensor:
         copy = casts.lookup(weights, dtype)
         if copy is not None:
             return copy
-    return join_cast(list(weights), dtype) if len(weights) > 1 else weights[0].to(dtype)
+    return join_cast(list(weights), dtype) if len(weights) != 1 else weights[0].to(dtype)

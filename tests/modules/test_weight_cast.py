@@ -93,6 +93,8 @@ def test_scope_off_nested_and_after_errors():
             raise RuntimeError("boom")
     assert weight_cast._local.active is None  # nothing left active after an error
     assert torch.equal(half_weight([w], DTYPE), w.to(DTYPE))
+    with pytest.raises(ValueError, match="non-empty"):
+        half_weight([], DTYPE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the casts are made under CUDA autocast")

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from fla_gsa.layers import ABCAttention, Attention, Cache, GatedLinearAttention, GatedSlotAttention
 from fla_gsa.models.configuration import ABCConfig, GLAConfig, GSAConfig, HybridConfig, TransformerConfig
 from fla_gsa.modules import GatedMLP, RMSNorm, weight_cast
-from fla_gsa.modules.cross_entropy import LabelCheck
+from fla_gsa.modules.cross_entropy import LabelCheck, check_labels
 from fla_gsa.modules.linear_cross_entropy import linear_cross_entropy_checked
 from fla_gsa.modules.weight_cast import WeightCasts
 
@@ -307,7 +307,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             ignore = -100
             fused = labels is not None and self.config.fuse_linear_cross_entropy
             targets = label_check = None
-            if fused and isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
+            if isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.dtype in (torch.int32, torch.int64):
                 # next-token targets, and their range check begun now: the loss then waits for that check
                 # alone, not for the layers queued after it (a sync there would drain the GPU's queue)
                 targets = _next_token_targets(labels, ignore)
@@ -332,6 +332,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                                                         ignore, reduction, label_check=label_check)
                 else:
                     logits = self.lm_head(hidden_states)
+                    # the same ValueError as the fused loss's for a label out of range (cross_entropy
+                    # would raise an IndexError on the CPU and a device-side assert on CUDA)
+                    check_labels(targets, "labels", (targets.numel(),), self.lm_head.out_features, ignore,
+                                 targets.device, label_check)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore,
                                            reduction=reduction)
                 if num_items_in_batch is not None:

@@ -201,9 +201,10 @@ def test_loss_equals_cross_entropy_on_logits():
     assert_rel("unfused, num_items_in_batch", model(x, labels=labels, num_items_in_batch=2 * n).loss, ref / 2, 1e-6)
 
 
-def test_bad_labels_raise_before_the_loss():
-    # the fused loss's label check (begun before the layers) names the bad label
-    model = tiny_model().train()
+@pytest.mark.parametrize("fused", [True, False])
+def test_bad_labels_raise_before_the_loss(fused):
+    # the label check (begun before the layers) names the bad label, with the fused loss or the logits
+    model = tiny_model(fuse_linear_cross_entropy=fused).train()
     x = tokens(2, 9)
     labels = x.clone()
     labels[1, 5] = V
@@ -213,6 +214,8 @@ def test_bad_labels_raise_before_the_loss():
     with pytest.raises(ValueError, match="got -7"):
         model(x, labels=labels)
     labels[1, 5], labels[0, 0] = 4, V  # the first label is never a target
+    assert torch.isfinite(model(x, labels=labels).loss)
+    labels[1, 5] = -100  # ignored
     assert torch.isfinite(model(x, labels=labels).loss)
 
 

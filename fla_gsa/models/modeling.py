@@ -122,7 +122,9 @@ class HybridPreTrainedModel(PreTrainedModel):
         # it keeps them for a backward anyway: grad enabled, CUDA autocast, no activation checkpointing
         return (weight_cast.PRECAST and torch.is_grad_enabled() and torch.is_autocast_enabled("cuda")
                 and not base.gradient_checkpointing
-                and not any(getattr(layer, "gradient_checkpointing", False) for layer in base.layers[:1]))
+                # the first block stands for all (gradient_checkpointing_enable sets every block's flag);
+                # indexed, not sliced: a slice builds a new ModuleList in every forward
+                and not getattr(next(iter(base.layers), None), "gradient_checkpointing", False))
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
